@@ -1,0 +1,161 @@
+"""The Interpreter contract, shared helpers and the registry.
+
+An interpreter holds its model and maps a batch of images to an :class:`Explanation` from one forward pass::
+
+    interp = build_interpreter("cam", model)
+    e = interp(x)                 # x (B, C, H, W) in [0, 1]; target=None means argmax
+    e.logits                      # (B, K)
+    e.saliency                    # (B, 1, h, w) in [0, 1] at the interpreter's native resolution
+    interp.upsample(e.saliency, x.shape[-2:])   # for display and IoU
+
+When ``x.requires_grad`` the map is connected to ``x`` by a graph valid to second order, so an attack can
+optimise through it. A call never changes ``model.training`` or parameters' ``requires_grad`` and leaves no
+hooks behind, even when it raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InterpreterError(ValueError):
+    """Bad input to an interpreter, or a model the interpreter cannot explain."""
+
+
+@dataclass
+class Explanation:
+    """What an interpreter returns: the classifier's logits and the attribution map."""
+
+    logits: torch.Tensor  # (B, K)
+    saliency: torch.Tensor  # (B, 1, h, w) in [0, 1]
+
+
+def minmax(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Min–max normalise each map of a batch to [0, 1]. m: (B, 1, h, w). A constant map becomes 0."""
+    flat = m.flatten(1)
+    lo = flat.amin(1, keepdim=True)
+    hi = flat.amax(1, keepdim=True)
+    return ((flat - lo) / (hi - lo + eps)).view_as(m)
+
+
+def check_input(x: torch.Tensor, model: nn.Module, target: torch.Tensor | None = None) -> None:
+    """Raise InterpreterError for a wrong shape, channel count, range, NaN, or target."""
+    if not isinstance(x, torch.Tensor):
+        raise InterpreterError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise InterpreterError(f"input must have shape (B, C, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise InterpreterError("input batch is empty")
+    c = getattr(model, "input_size", (x.shape[1],))[0]
+    if x.shape[1] != c:
+        raise InterpreterError(f"model {getattr(model, 'name', '')} takes {c} channels, input has {x.shape[1]}")
+    x = x.detach()
+    if not torch.isfinite(x).all():
+        raise InterpreterError("input contains NaN or inf")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise InterpreterError(
+            f"input must be images in [0, 1] (the model normalises them itself); got range [{lo:.3g}, {hi:.3g}]"
+        )
+    if target is not None:
+        if target.shape != (x.shape[0],) or target.dtype not in (torch.int64, torch.int32):
+            raise InterpreterError(f"target must be an integer tensor of shape ({x.shape[0]},), got "
+                                   f"{tuple(target.shape)} {target.dtype}")
+        k = getattr(model, "num_classes", None)
+        if k is not None and (int(target.min()) < 0 or int(target.max()) >= k):
+            raise InterpreterError(f"target class out of range [0, {k})")
+
+
+@contextlib.contextmanager
+def preserved_state(*modules: nn.Module) -> Iterator[None]:
+    """Restore training flags and parameters' requires_grad on exit, even after an exception."""
+    saved = [(m, m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in modules]
+    try:
+        yield
+    finally:
+        for m, training, flags in saved:
+            if m.training != training:
+                m.train(training)
+            for p, rg in flags:
+                if p.requires_grad != rg:
+                    p.requires_grad_(rg)
+
+
+class Interpreter:
+    """Base class: validation, state preservation, target selection; subclasses implement ``explain``.
+
+    Attributes:
+        name: registry key.
+        model: the classifier (an ImageClassifier: images in [0, 1] -> logits).
+    """
+
+    name: str = "interpreter"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        """Modules the interpreter uses (its state is preserved across calls)."""
+        return (self.model,)
+
+    def to(self, device: torch.device | str) -> "Interpreter":
+        for m in self.modules():
+            m.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Explanation:
+        check_input(x, self.model, target)
+        with preserved_state(*self.modules()):
+            e = self.explain(x, target)
+        return e
+
+    def explain(self, x: torch.Tensor, target: torch.Tensor | None) -> Explanation:  # pragma: no cover
+        raise NotImplementedError
+
+    def native_size(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """The (h, w) of the saliency map for inputs of spatial size ``hw``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def upsample(saliency: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """Bilinear upsampling of maps (B, 1, h, w) to ``size``, for display and IoU."""
+        if tuple(saliency.shape[-2:]) == tuple(size):
+            return saliency
+        return F.interpolate(saliency, size=tuple(size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={getattr(self.model, 'name', type(self.model).__name__)})"
+
+
+def pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    return logits.argmax(1) if target is None else target.to(logits.device)
+
+
+REGISTRY: dict[str, Callable[..., Interpreter]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an interpreter buildable by name."""
+
+    def deco(cls):
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
+    """Build a registered interpreter by name (grad, cam, mask, rts); kwargs go to its constructor."""
+    from guard import interpreters  # noqa: F401  (fills the registry)
+
+    if name not in REGISTRY:
+        raise InterpreterError(f"unknown interpreter {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    factory = getattr(REGISTRY[name], "for_model", REGISTRY[name])
+    return factory(model, **kwargs)

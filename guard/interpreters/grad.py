@@ -1,0 +1,135 @@
+"""GRAD: gradient saliency (Simonyan et al. 2014), as used by ADV² (Zhang et al., USENIX Sec. 2020).
+
+    map = minmax( avgpool_4( max_c | ∂ NLL(f(x), t) / ∂x | ) )         (B, 1, H/4, W/4)
+
+A ReLU network's gradient is piecewise constant in x, so the map has no useful second derivative. For
+attacks, the ReLU family (relu, relu6, hardtanh) is swapped, inside this interpreter's call only, for a
+function whose forward value is unchanged but whose backward uses a smooth step ``h``:
+
+    literal:  h(z) = z/√(z²+τ) (+1 for z < 0)            (the paper's form; discontinuous at 0)
+    smooth:   h(z) = ½ (1 + z/√(z²+τ))                   (default)
+    softplus: h(z) = sigmoid(β z)
+
+The swap works by a TorchFunctionMode, so functional calls (DenseNet's F.relu) are covered too, and the
+model is never modified. Predictions are unchanged; the map becomes that of the smoothed backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from guard.interpreters.base import Explanation, Interpreter, minmax, pick_target, register
+
+SURROGATES = ("literal", "smooth", "softplus")
+
+
+def surrogate_step(z: torch.Tensor, kind: str, tau: float = 1e-4, beta: float = 10.0) -> torch.Tensor:
+    """The surrogate derivative h(z) of relu, differentiable in z."""
+    if kind == "smooth":
+        return 0.5 * (1 + z / torch.sqrt(z * z + tau))
+    if kind == "literal":
+        return z / torch.sqrt(z * z + tau) + (z < 0).to(z.dtype)
+    if kind == "softplus":
+        return torch.sigmoid(beta * z)
+    raise ValueError(f"unknown ReLU surrogate {kind!r}; choose from {SURROGATES}")
+
+
+class _ClampSurrogate(torch.autograd.Function):
+    """clamp(z, lo, hi) forward; backward g · (h(z − lo) − h(z − hi)), itself differentiable."""
+
+    @staticmethod
+    def forward(ctx, z, lo, hi, kind, tau, beta):  # type: ignore[override]
+        ctx.save_for_backward(z)
+        ctx.cfg = (lo, hi, kind, tau, beta)
+        return z.clamp(min=lo, max=hi)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        lo, hi, kind, tau, beta = ctx.cfg
+        d = surrogate_step(z - lo, kind, tau, beta)
+        if hi is not None:
+            d = d - surrogate_step(z - hi, kind, tau, beta)
+        return g * d, None, None, None, None, None
+
+
+_RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+_HARDTANHS = {F.hardtanh, F.hardtanh_, F.relu6}
+
+
+class ReluSurrogate(TorchFunctionMode):
+    """Inside this mode, relu / relu6 / hardtanh keep their forward value and use h(z) in backward."""
+
+    def __init__(self, kind: str = "smooth", tau: float = 1e-4, beta: float = 10.0) -> None:
+        super().__init__()
+        surrogate_step(torch.zeros(1), kind)  # validate the name early
+        self.cfg = (kind, tau, beta)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELUS:
+            return _ClampSurrogate.apply(args[0], 0.0, None, *self.cfg)
+        if func in _HARDTANHS:
+            if func is F.relu6:
+                lo, hi = 0.0, 6.0
+            else:
+                lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+                hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            return _ClampSurrogate.apply(args[0], float(lo), float(hi), *self.cfg)
+        return func(*args, **kwargs)
+
+
+@register("grad")
+class GradSaliency(Interpreter):
+    """Gradient saliency.
+
+    Args:
+        model: classifier over [0, 1] images.
+        loss: "nll" (the paper: ∂ NLL(f(x), t)/∂x) or "logit" (plain ∂ z_t/∂x).
+        pool: average-pooling factor (4: 56² maps at 224, 7² at 28).
+        surrogate: ReLU surrogate used when x.requires_grad ("smooth", "literal", "softplus", or None
+            for the true ReLU, whose second derivative is zero).
+        always_surrogate: use the surrogate even when x does not require grad (the attack's view).
+    """
+
+    def __init__(self, model, loss: str = "nll", pool: int = 4, surrogate: str | None = "smooth",
+                 tau: float = 1e-4, beta: float = 10.0, always_surrogate: bool = False) -> None:
+        super().__init__(model)
+        if loss not in ("nll", "logit"):
+            raise ValueError(f"loss must be 'nll' or 'logit', not {loss!r}")
+        if surrogate is not None:
+            surrogate_step(torch.zeros(1), surrogate)
+        self.loss, self.pool, self.surrogate = loss, pool, surrogate
+        self.tau, self.beta, self.always_surrogate = tau, beta, always_surrogate
+
+    def native_size(self, hw):
+        return (hw[0] // self.pool, hw[1] // self.pool)
+
+    def _mode(self, second_order: bool):
+        if self.surrogate is not None and (second_order or self.always_surrogate):
+            return ReluSurrogate(self.surrogate, self.tau, self.beta)
+        return contextlib.nullcontext()
+
+    def explain(self, x, target):
+        second_order = x.requires_grad and torch.is_grad_enabled()
+        xg = x if second_order else x.detach().requires_grad_(True)
+        with torch.enable_grad(), self._mode(second_order):
+            logits = self.model(xg)  # (B, K)
+            t = pick_target(logits, target)
+            if self.loss == "nll":
+                obj = F.cross_entropy(logits, t, reduction="sum")
+            else:
+                obj = logits.gather(1, t[:, None]).sum()
+            (g,) = torch.autograd.grad(obj, xg, create_graph=second_order)  # (B, C, H, W)
+        sal = g.abs().amax(1, keepdim=True)  # (B, 1, H, W)
+        if self.pool > 1:
+            sal = F.avg_pool2d(sal, self.pool)  # (B, 1, H/p, W/p)
+        sal = minmax(sal)
+        if not second_order:
+            logits, sal = logits.detach(), sal.detach()
+        return Explanation(logits, sal)

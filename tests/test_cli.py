@@ -1,0 +1,59 @@
+"""The command line as a user runs it: real subprocesses, exit codes, one clear error line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNDERFIRE = [sys.executable, "-m", "audit.cli"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*UNDERFIRE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_predict_bundled_photos():
+    r = run("predict")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    block = out.split("chelsea:")[1].split(":")[0]
+    assert "Egyptian cat" in block and "tabby" in block and "tiger cat" in block
+    assert out.split("coffee:")[1].splitlines()[1].strip().endswith("espresso")
+    assert out.count("%") == 5 * 16
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["predict", "--model", "nope"], "unknown model 'nope'"),
+        (["predict", "--model", "resnet50"], "not in torch's cache"),
+        (["predict", "{junk}"], "cannot decode image"),
+        (["predict", "{empty}"], "holds no image files"),
+        (["predict", "--model", "{corrupt}"], "corrupt"),
+        (["explain", "--model", "torchvision:mobilenet_v3_small", "--interpreters", "cam"], "no interpreter could"),
+    ],
+)
+def test_bad_input_one_clear_error(args, msg, tmp_path):
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"nope")
+    (tmp_path / "empty").mkdir()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00\x01")
+    args = [a.format(junk=junk, empty=tmp_path / "empty", corrupt=corrupt) for a in args]
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and msg in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_explain_fmnist_writes_png(tmp_path):
+    r = run("explain", "--model", "fmnist_resnet", "-n", "3", "--mask-steps", "30", "--out", tmp_path / "x")
+    assert r.returncode == 0, r.stderr
+    png = tmp_path / "x" / "fmnist_resnet.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert not list((tmp_path / "x").glob("*.tmp*"))

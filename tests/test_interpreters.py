@@ -1,0 +1,288 @@
+"""The Interpreter contract, table-driven over the registry, plus each interpreter's own claims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guard.interpreters import CAM, REGISTRY, RTS, GradSaliency, InterpreterError, Mask, build_interpreter
+from guard.models import ImageClassifier, load_model
+from tests.conftest import tiny_classifier
+
+# Cheap settings per registered interpreter, for mechanics on tiny models. A new interpreter must add a row.
+CHEAP = {
+    "grad": lambda m: GradSaliency(m),
+    "cam": lambda m: CAM(m),
+    "mask": lambda m: Mask(m, steps=8, unroll=2, l1=0.0, tv=0.0),  # random nets: let p(t) drive the mask
+    "rts": lambda m: RTS.untrained(m, width=8),
+}
+
+
+def test_every_registered_interpreter_is_in_the_table():
+    assert set(REGISTRY) == set(CHEAP)
+
+
+def _x(b=3, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 1, 28, 28, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("name", sorted(CHEAP))
+def test_shapes_range_and_native_size(name, tiny):
+    interp = CHEAP[name](tiny)
+    x = _x()
+    e = interp(x)
+    assert e.logits.shape == (3, 10)
+    assert e.saliency.shape == (3, 1, *interp.native_size((28, 28)))
+    assert float(e.saliency.min()) >= 0 and float(e.saliency.max()) <= 1
+    torch.testing.assert_close(e.logits, tiny(x), rtol=1e-9, atol=1e-9)
+    up = interp.upsample(e.saliency, (28, 28))
+    assert up.shape == (3, 1, 28, 28)
+
+
+@pytest.mark.parametrize("name", sorted(CHEAP))
+def test_target_none_means_argmax(name, tiny):
+    interp = CHEAP[name](tiny)
+    x = _x()
+    e0 = interp(x)
+    e1 = interp(x, e0.logits.argmax(1))
+    torch.testing.assert_close(e0.saliency, e1.saliency, rtol=0, atol=1e-10)
+    other = (e0.logits.argmax(1) + 1) % 10
+    assert not torch.allclose(interp(x, other).saliency, e0.saliency)
+
+
+@pytest.mark.parametrize("name", sorted(CHEAP))
+def test_one_image_does_not_depend_on_the_others(name, tiny):
+    interp = CHEAP[name](tiny)
+    x = _x(4)
+    alone = interp(x[1:2]).saliency
+    together = interp(x).saliency[1:2]
+    x2 = x.clone()
+    x2[0] = torch.rand_like(x2[0])
+    changed_neighbour = interp(x2).saliency[1:2]
+    torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(changed_neighbour, alone, rtol=1e-6, atol=1e-8)
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(CHEAP))
+def test_state_untouched_and_no_hooks_even_after_exception(name):
+    model = tiny_classifier()
+    interp = CHEAP[name](model)
+    model.net.fc.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    hooks = _hooks(model)
+    interp(_x(2))
+    assert not model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert _hooks(model) == hooks
+
+    model.train()  # a caller's training mode must survive the call too
+    interp(_x(2))
+    assert model.training
+    model.eval()
+
+    calls = {"n": 0}
+
+    def boom(*_):
+        calls["n"] += 1
+        raise RuntimeError("boom")
+
+    h = model.net.fc.register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        interp(_x(2))
+    h.remove()
+    assert calls["n"] == 1
+    assert not model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert _hooks(model) == hooks
+
+
+class _SmoothNet(nn.Module):
+    """A tiny net with smooth activations and a GAP + linear head: for second-order gradchecks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(1, 3, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def cam_features(self, x):
+        return torch.tanh(self.conv2(F.softplus(self.conv1(x))))
+
+    def forward(self, x):
+        return self.fc(self.cam_features(x).mean((2, 3)))
+
+
+GRADCHECK = {
+    "grad": lambda m: GradSaliency(m, pool=2, surrogate=None),
+    "cam": lambda m: CAM(m),
+    "mask": lambda m: Mask(m, steps=0, unroll=2, deterministic=True, mask_size=4, lr=0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRADCHECK))
+def test_gradcheck_tiny_float64(name):
+    net = _SmoothNet().double()
+    model = ImageClassifier(net, (0.5,), (0.5,), name="smooth", input_size=(1, 8, 8),
+                            categories=list("abcde")).double()
+    interp = GRADCHECK[name](model)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64).clamp(0.05, 0.95).requires_grad_(True)
+    t = torch.tensor([1, 3])
+    assert torch.autograd.gradcheck(lambda v: interp(v, t).saliency, (x,), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def test_gradcheck_rts_tiny_float64(tiny):
+    interp = RTS.untrained(tiny, width=4)
+    x = _x(1).requires_grad_(True)
+    t = torch.tensor([2])
+    fn = lambda v: interp(v.clamp(0, 1), t).saliency[..., 2:5, 2:5]  # noqa: E731 (a 3×3 window keeps it fast)
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(CHEAP))
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (torch.rand(1, 28, 28, dtype=torch.float64), "shape"),
+        (torch.rand(2, 3, 28, 28, dtype=torch.float64), "channels"),
+        (torch.rand(2, 1, 28, 28, dtype=torch.float64) * 255, r"\[0, 1\]"),
+        (torch.full((2, 1, 28, 28), float("nan"), dtype=torch.float64), "NaN"),
+        (torch.zeros(0, 1, 28, 28, dtype=torch.float64), "empty"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(name, bad, msg, tiny):
+    with pytest.raises(InterpreterError, match=msg):
+        CHEAP[name](tiny)(bad)
+
+
+def test_bad_target(tiny):
+    with pytest.raises(InterpreterError, match="out of range"):
+        CAM(tiny)(_x(2), torch.tensor([0, 10]))
+    with pytest.raises(InterpreterError, match="shape"):
+        CAM(tiny)(_x(2), torch.tensor([0]))
+
+
+def test_unknown_interpreter_name(tiny):
+    with pytest.raises(InterpreterError, match="unknown interpreter 'lime'"):
+        build_interpreter("lime", tiny)
+
+
+# ------------------------------------------------------------------------------------------------------
+# real models
+# ------------------------------------------------------------------------------------------------------
+def _real(name, model):
+    if name == "mask":
+        return build_interpreter("mask", model, steps=10, unroll=1)
+    return build_interpreter(name, model)
+
+
+@pytest.mark.parametrize("name", ["grad", "cam", "mask", "rts"])
+def test_nonzero_input_gradient_fmnist(name, fmnist_resnet, fmnist_small):
+    x = fmnist_small[0][:2].clone().requires_grad_(True)
+    e = _real(name, fmnist_resnet)(x)
+    (g,) = torch.autograd.grad((e.saliency ** 2).sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["grad", "cam", "mask"])
+def test_nonzero_input_gradient_mobilenet(name, mobilenet, photo_batch):
+    x = photo_batch[0][:2].clone().requires_grad_(True)
+    e = _real(name, mobilenet)(x)
+    assert e.saliency.shape[-2:] == {"grad": (56, 56), "cam": (7, 7), "mask": (28, 28)}[name]
+    (g,) = torch.autograd.grad((e.saliency ** 2).sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_grad_surrogate_second_order_on_real_mobilenet(mobilenet, photo_batch):
+    """Without a surrogate, the logit-gradient map of a ReLU6 net has zero second derivative; with it, not."""
+    x = photo_batch[0][:2].clone().requires_grad_(True)
+    plain = GradSaliency(mobilenet, loss="logit", surrogate=None)(x)
+    (g0,) = torch.autograd.grad(plain.saliency.sum(), x, allow_unused=True)
+    assert g0 is None or float(g0.abs().max()) == 0.0
+    for kind in ("smooth", "literal", "softplus"):
+        e = GradSaliency(mobilenet, loss="logit", surrogate=kind)(x)
+        torch.testing.assert_close(e.logits, plain.logits, rtol=0, atol=0)  # predictions unchanged
+        (g,) = torch.autograd.grad(e.saliency.sum(), x)
+        assert g.abs().sum() > 0, kind
+
+
+def test_grad_map_without_graph_is_the_true_relu_map(mobilenet, photo_batch):
+    x = photo_batch[0][:2]
+    exact = GradSaliency(mobilenet, surrogate=None)(x).saliency
+    default = GradSaliency(mobilenet)(x).saliency  # x has no grad: surrogate not used
+    torch.testing.assert_close(default, exact, rtol=0, atol=0)
+
+
+def test_cam_needs_gap_linear_head():
+    model = load_model("torchvision:mobilenet_v3_small")  # random weights; head has two linear layers
+    with pytest.raises(InterpreterError, match="global average pooling"):
+        CAM(model)
+
+
+@pytest.mark.parametrize("spec", ["torchvision:resnet18", "torchvision:densenet121", "efficientnet_lite0"])
+def test_cam_logits_match_the_model(spec):
+    model = load_model(spec)
+    x = torch.rand(1, 3, 224, 224)
+    e = CAM(model)(x)
+    assert e.saliency.shape == (1, 1, 7, 7)
+    torch.testing.assert_close(e.logits, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cam_covers_the_cat(mobilenet, photo_batch):
+    """On chelsea the CAM for 'Egyptian cat' is brighter on the cat (left/centre) than on the right edge."""
+    x, names = photo_batch
+    i = names.index("chelsea")
+    e = CAM(mobilenet)(x[i:i + 1])
+    m = e.saliency[0, 0]
+    assert int(e.logits.argmax()) in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
+    assert float(m[2:6, 1:5].mean()) > float(m[:, 6].mean())
+
+
+def test_mask_seed_and_deterministic_mode(fmnist_resnet, fmnist_small):
+    x = fmnist_small[0][:3]
+    a = Mask(fmnist_resnet, steps=20, seed=3)(x).saliency
+    b = Mask(fmnist_resnet, steps=20, seed=3)(x).saliency
+    c = Mask(fmnist_resnet, steps=20, seed=4)(x).saliency
+    d1 = Mask(fmnist_resnet, steps=20, deterministic=True, seed=None)(x).saliency
+    d2 = Mask(fmnist_resnet, steps=20, deterministic=True, seed=None)(x).saliency
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    torch.testing.assert_close(d1, d2, rtol=0, atol=0)
+
+
+def test_mask_lowers_the_class_probability(fmnist_resnet, fmnist_small):
+    """The deletion game works: blurring where the map is high hurts the class more than the mean map."""
+    x, y = fmnist_small
+    interp = Mask(fmnist_resnet, steps=150)
+    e = interp(x, y)
+    from guard.interpreters.mask import default_blur_sigma, gaussian_blur
+
+    m = 1 - e.saliency  # keep-mask
+    xb = gaussian_blur(x, default_blur_sigma(28))
+    up = interp.upsample(m, (28, 28))
+    deleted = x * up + xb * (1 - up)
+    p_del = fmnist_resnet(deleted).softmax(1).gather(1, y[:, None])
+    p_clean = fmnist_resnet(x).softmax(1).gather(1, y[:, None])
+    assert float(p_del.mean()) < 0.5 * float(p_clean.mean())
+    assert float(e.saliency.mean()) < 0.6
+
+
+def test_rts_checkpoint_must_match_model(tmp_path, fmnist_densenet):
+    from guard.models import CHECKPOINT_DIR
+
+    with pytest.raises(InterpreterError, match="trained for model 'fmnist_resnet'"):
+        RTS.for_model(fmnist_densenet, CHECKPOINT_DIR / "rts_fmnist_resnet.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InterpreterError, match="corrupt"):
+        RTS.for_model(fmnist_densenet, bad)
+    with pytest.raises(InterpreterError, match="no trained RTS"):
+        RTS.for_model(load_model("torchvision:resnet18"))
