@@ -268,7 +268,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip, ...
-        raise ModelError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__}: {exc})") from exc
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__}: {first})") from exc
     if not isinstance(obj, dict):
         raise ModelError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (state_dict or checkpoint)")
     return obj

@@ -79,6 +79,6 @@ def train_classifier(cfg: ClassifierConfig, device: str = "cpu",
         config=cfg.to_dict(),
         metrics={"test_top1": acc, "train_seconds": round(stats["seconds"], 1), "steps": stats["steps"],
                  "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-                 "torch": torch.__version__},
+                 "torch": str(torch.__version__)},
     )
     return model, ck

@@ -108,7 +108,7 @@ def train_rts(model, dataset: TensorDataset, cfg: RTSConfig, device: str = "cpu"
         "width": net.width, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "config": cfg.to_dict(),
         "metrics": {"train_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
-                    "machine": platform.machine(), "torch": torch.__version__},
+                    "machine": platform.machine(), "torch": str(torch.__version__)},
     }
     return interp, ck
 

@@ -1,0 +1,207 @@
+"""THE optimisation loop. Every attack in underfire (PGD, ADV² per interpreter, stAdv, adaptive variants)
+is this loop with different pieces:
+
+    min_v  ℓ_prd(f(x), c_t) + λ_s(i) · ℓ_int(g(x; f), m_t) + Σ extra(x, v)      x = threat.apply(x0, v)
+
+run in stages (stage 1 = warm start with λ = 0, stage 2 = the joint objective), each with its own step rule
+(sign, L2-normalised or Adam), step size and λ schedule; ``threat.project`` after every step.
+
+Every ``check_every`` steps the current iterate is quantised to 8 bits (what a deployment receives) and
+judged with the *real* interpreter (for GRAD: the true ReLU map) and without gradients: an iterate is
+successful when argmax f = c_t (and p(c_t) ≥ ``min_confidence``); per sample the successful iterate with
+the smallest ℓ_int so far is kept (best-iterate tracking). With ``early_stop`` a sample leaves the batch
+once successful (for PGD). Samples are independent: losses are per sample and summed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from attacks.objectives import INT_LOSSES, PRED_LOSSES, Schedule, constant
+from attacks.threats import AttackError, LinfBall
+from guard.interpreters.base import Explanation, Interpreter
+
+log = logging.getLogger(__name__)
+
+# extra(x, v, idx) -> per-sample loss for the active samples (B_active,)
+Extra = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Stage:
+    """One stage of the loop: ``steps`` updates with the given rule, step size and λ schedule."""
+
+    steps: int
+    lam: float | Schedule = 0.0
+    rule: str = "sign"  # "sign" | "l2" | "adam"
+    lr: float = 1 / 255
+
+    def schedule(self) -> Schedule:
+        return self.lam if callable(self.lam) else constant(float(self.lam))
+
+
+@dataclass
+class AttackResult:
+    """What an attack returns. ``x_adv`` is the 8-bit image, and ``explanation`` / ``success`` are judged on it."""
+
+    x_adv: torch.Tensor  # (B, C, H, W) in [0, 1], on the 8-bit grid
+    explanation: Explanation  # the real interpreter's view of x_adv (target = argmax)
+    success: torch.Tensor  # (B,) bool: argmax f(x_adv) == c_t (and confidence rule)
+    history: dict = field(default_factory=dict)  # per check: step, loss, success rate, mean map distance
+    definition: str = ""
+
+
+class Attack:
+    """A targeted attack on (classifier, interpreter): threat model + losses + stages + the one loop.
+
+    Args:
+        threat: a threat model (LinfBall, FlowField).
+        stages: the schedule; λ = 0 stages ignore the interpreter (plain PGD steps).
+        pred_loss, int_loss: names in objectives.PRED_LOSSES / INT_LOSSES or callables (B,) per sample.
+        extra: additional per-sample loss terms (flow smoothness, detector hinges, ...).
+        check_every: how often (steps) iterates are quantised and judged for best-iterate tracking.
+        min_confidence: success also needs p(c_t) ≥ this (0.8 for ADV²-GRAD).
+        select: "best" (successful iterate with smallest ℓ_int) or "last".
+        early_stop: drop a sample from the batch once it is successful (PGD).
+    """
+
+    name = "attack"
+
+    def __init__(self, threat, stages: Sequence[Stage], pred_loss="nll", int_loss="mse",
+                 extra: Sequence[Extra] = (), check_every: int = 10, min_confidence: float = 0.0,
+                 select: str = "best", early_stop: bool = False, seed: int = 0) -> None:
+        if select not in ("best", "last"):
+            raise AttackError(f"select must be 'best' or 'last', not {select!r}")
+        if not stages or any(s.steps < 0 for s in stages):
+            raise AttackError("an attack needs at least one stage with a non-negative step count")
+        self.threat, self.stages = threat, list(stages)
+        self.pred_loss = PRED_LOSSES[pred_loss] if isinstance(pred_loss, str) else pred_loss
+        self.int_loss = INT_LOSSES[int_loss] if isinstance(int_loss, str) else int_loss
+        self.extra, self.check_every = list(extra), max(1, check_every)
+        self.min_confidence, self.select, self.early_stop, self.seed = min_confidence, select, early_stop, seed
+
+    # -- the public call -----------------------------------------------------------------------------------
+    def __call__(self, interp: Interpreter, x: torch.Tensor, y_target: torch.Tensor,
+                 map_target: torch.Tensor | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> AttackResult:
+        self._validate(interp, x, y_target, map_target)
+        return self._run(interp, x.detach(), y_target, None if map_target is None else map_target.detach(), progress)
+
+    def definition(self) -> str:
+        conf = f" and p(c_t) ≥ {self.min_confidence}" if self.min_confidence > 0 else ""
+        return (f"success: argmax f(x_adv) = c_t{conf}, judged on the 8-bit-quantised x_adv; "
+                f"{self.threat.describe()}; iterate: {self.select}")
+
+    def describe(self) -> dict:
+        return {"attack": self.name, **self.threat.describe(), "stages": [
+            {"steps": s.steps, "rule": s.rule, "lr": s.lr, "lam0": s.schedule()(0),
+             "lam_end": s.schedule()(max(s.steps - 1, 0))} for s in self.stages],
+            "select": self.select, "min_confidence": self.min_confidence, "check_every": self.check_every}
+
+    # -- checks --------------------------------------------------------------------------------------------
+    def _validate(self, interp, x, y_t, map_t) -> None:
+        from guard.interpreters.base import InterpreterError, check_input
+
+        try:
+            check_input(x, interp.model, y_t)
+        except InterpreterError as exc:
+            raise AttackError(str(exc)) from exc
+        if map_t is not None:
+            want = (x.shape[0], 1, *interp.native_size(tuple(x.shape[-2:])))
+            if tuple(map_t.shape) != want:
+                raise AttackError(f"target map must have shape {want} (the interpreter's native resolution), "
+                                  f"got {tuple(map_t.shape)}")
+            if not torch.isfinite(map_t).all():
+                raise AttackError("target map contains NaN or inf")
+        elif any(s.schedule()(0) > 0 for s in self.stages):
+            raise AttackError(f"{self.name} has an interpretation term and needs a target map")
+
+    def judge(self, interp: Interpreter, xq: torch.Tensor, y_t: torch.Tensor,
+              map_t: torch.Tensor | None) -> tuple[Explanation, torch.Tensor, torch.Tensor]:
+        """The real interpreter on quantised images: (explanation, success (B,), map distance (B,))."""
+        with torch.no_grad():
+            e = interp(xq)
+            p = e.logits.softmax(1)
+            ok = (p.argmax(1) == y_t) & (p.gather(1, y_t[:, None]).squeeze(1) >= self.min_confidence)
+            d = self.int_loss(e.saliency, map_t) if map_t is not None else torch.zeros_like(p[:, 0])
+        return e, ok, d
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def loss(self, interp: Interpreter, x: torch.Tensor, v: torch.Tensor, y_t: torch.Tensor,
+             map_t: torch.Tensor | None, lam: float, idx: torch.Tensor) -> torch.Tensor:
+        """Per-sample objective of the active samples (B_active,)."""
+        if lam > 0:
+            e = interp(x, y_t)  # the map the attacker shapes is the one shown for c_t
+            total = self.pred_loss(e.logits, y_t) + lam * self.int_loss(e.saliency, map_t)
+        else:
+            total = self.pred_loss(interp.model(x), y_t)
+        for term in self.extra:
+            total = total + term(x, v, idx)
+        return total
+
+    def _run(self, interp, x0, y_t, map_t, progress) -> AttackResult:
+        gen = torch.Generator().manual_seed(self.seed)
+        b = x0.shape[0]
+        v = self.threat.init(x0, gen)
+        best_x = self.threat.quantize(self.threat.apply(x0, v), x0)
+        best_d = torch.full((b,), math.inf, device=x0.device)
+        best_ok = torch.zeros(b, dtype=torch.bool, device=x0.device)
+        active = torch.ones(b, dtype=torch.bool, device=x0.device)
+        adam_m, adam_v, adam_t = torch.zeros_like(v), torch.zeros_like(v), 0
+        hist: dict[str, list] = {"step": [], "loss": [], "success": [], "map_distance": []}
+        total_steps = sum(s.steps for s in self.stages)
+        step = 0
+        for stage in self.stages:
+            lam_of = stage.schedule()
+            for i in range(stage.steps):
+                idx = active.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    break
+                vi = v[idx].detach().requires_grad_(True)
+                xi = self.threat.apply(x0[idx], vi)
+                lam = lam_of(i)
+                per = self.loss(interp, xi, vi, y_t[idx], None if map_t is None else map_t[idx], lam, idx)
+                (g,) = torch.autograd.grad(per.sum(), vi)
+                with torch.no_grad():
+                    if stage.rule == "sign":
+                        vn = vi - stage.lr * g.sign()
+                    elif stage.rule == "l2":
+                        norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.ndim - 1))
+                        vn = vi - stage.lr * math.sqrt(g[0].numel()) * g / norm
+                    elif stage.rule == "adam":
+                        adam_t += 1
+                        adam_m[idx] = 0.9 * adam_m[idx] + 0.1 * g
+                        adam_v[idx] = 0.999 * adam_v[idx] + 0.001 * g * g
+                        mh, vh = adam_m[idx] / (1 - 0.9 ** adam_t), adam_v[idx] / (1 - 0.999 ** adam_t)
+                        vn = vi - stage.lr * mh / (vh.sqrt() + 1e-8)
+                    else:
+                        raise AttackError(f"unknown step rule {stage.rule!r}")
+                    v[idx] = self.threat.project(vn, x0[idx])
+                step += 1
+                last = step == total_steps
+                if step % self.check_every == 0 or last:
+                    xq = self.threat.quantize(self.threat.apply(x0[idx], v[idx]), x0[idx])
+                    _, ok, d = self.judge(interp, xq, y_t[idx], None if map_t is None else map_t[idx])
+                    if self.select == "best":
+                        improve = ok & (d < best_d[idx])  # a successful iterate closer to the target map
+                        take = improve | (~best_ok[idx] & ~ok)  # no success yet: keep the latest
+                        best_x[idx[take]] = xq[take]
+                        best_d[idx[improve]] = d[improve]
+                        best_ok[idx[improve]] = True
+                    else:
+                        best_x[idx], best_ok[idx] = xq, ok
+                    hist["step"].append(step)
+                    hist["loss"].append(float(per.detach().mean()))
+                    hist["success"].append(float(best_ok.float().mean()))
+                    hist["map_distance"].append(float(d.mean()))
+                    if self.early_stop:
+                        active[idx[ok]] = False
+                    if progress is not None:
+                        progress(step, total_steps)
+        e, ok, _ = self.judge(interp, best_x, y_t, map_t)
+        return AttackResult(best_x, e, ok, hist, self.definition())
