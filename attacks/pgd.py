@@ -121,11 +121,17 @@ class Attack:
         elif any(s.schedule()(0) > 0 for s in self.stages):
             raise AttackError(f"{self.name} has an interpretation term and needs a target map")
 
-    def judge(self, interp: Interpreter, xq: torch.Tensor, y_t: torch.Tensor,
-              map_t: torch.Tensor | None) -> tuple[Explanation, torch.Tensor, torch.Tensor]:
-        """The real interpreter on quantised images: (explanation, success (B,), map distance (B,))."""
+    def judge(self, interp: Interpreter, xq: torch.Tensor, y_t: torch.Tensor, map_t: torch.Tensor | None,
+              idx: torch.Tensor | None = None) -> tuple[Explanation, torch.Tensor, torch.Tensor]:
+        """The real interpreter on quantised images: (explanation, success (B,), map distance (B,)).
+
+        ``idx`` says which samples of the batch these are (attacks with per-sample state use it).
+        """
         with torch.no_grad():
-            e = interp(xq)
+            if map_t is None and idx is not None:  # inside the loop without a map target: logits suffice
+                e = Explanation(interp.model(xq), torch.empty(0))
+            else:
+                e = interp(xq)
             p = e.logits.softmax(1)
             ok = (p.argmax(1) == y_t) & (p.gather(1, y_t[:, None]).squeeze(1) >= self.min_confidence)
             d = self.int_loss(e.saliency, map_t) if map_t is not None else torch.zeros_like(p[:, 0])
@@ -144,12 +150,16 @@ class Attack:
             total = total + term(x, v, idx)
         return total
 
+    def reset(self, interp: Interpreter, x0: torch.Tensor, y_t: torch.Tensor) -> None:
+        """Called once before the loop; attacks with per-sample state (MASK-ADV²) initialise it here."""
+
     def _run(self, interp, x0, y_t, map_t, progress) -> AttackResult:
+        self.reset(interp, x0, y_t)
         gen = torch.Generator().manual_seed(self.seed)
         b = x0.shape[0]
         v = self.threat.init(x0, gen)
         best_x = self.threat.quantize(self.threat.apply(x0, v), x0)
-        best_d = torch.full((b,), math.inf, device=x0.device)
+        best_d = torch.full((b,), math.inf, device=x0.device, dtype=x0.dtype)
         best_ok = torch.zeros(b, dtype=torch.bool, device=x0.device)
         active = torch.ones(b, dtype=torch.bool, device=x0.device)
         adam_m, adam_v, adam_t = torch.zeros_like(v), torch.zeros_like(v), 0
@@ -186,7 +196,7 @@ class Attack:
                 last = step == total_steps
                 if step % self.check_every == 0 or last:
                     xq = self.threat.quantize(self.threat.apply(x0[idx], v[idx]), x0[idx])
-                    _, ok, d = self.judge(interp, xq, y_t[idx], None if map_t is None else map_t[idx])
+                    _, ok, d = self.judge(interp, xq, y_t[idx], None if map_t is None else map_t[idx], idx)
                     if self.select == "best":
                         improve = ok & (d < best_d[idx])  # a successful iterate closer to the target map
                         take = improve | (~best_ok[idx] & ~ok)  # no success yet: keep the latest

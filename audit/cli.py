@@ -166,12 +166,13 @@ def train_classifier_cmd(arch: str, epochs: int, batch_size: int, lr: float, see
 @click.option("--phase1-epochs", default=1, show_default=True, help="Phase-1 epochs (class selector only).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
-@click.option("--area", default=2.0, show_default=True, help="Weight of the area term mean(M)^0.3.")
+@click.option("--area", default=1.0, show_default=True, help="Weight of the area term mean(M)^0.3.")
+@click.option("--limit", default=None, type=int, help="Train on the first N training images only.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file to write (.pt).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @friendly
-def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area, seed, out, device) -> None:
+def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area, limit, seed, out, device) -> None:
     """Train an RTS saliency network for a classifier and report its quality on held-out data."""
     from training.data import ImageFolderDataset, fashion_mnist, stack
     from training.rts import RTSConfig, rts_quality, train_rts
@@ -186,7 +187,9 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
         cut = max(1, len(y) // 10)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
         test_set, train_set = TensorDataset(x[perm[:cut]], y[perm[:cut]]), TensorDataset(x[perm[cut:]], y[perm[cut:]])
-    cfg = RTSConfig(epochs=epochs, phase1_epochs=phase1_epochs, batch_size=batch_size, lr=lr, area=area, seed=seed)
+    if limit is not None:
+        train_set = TensorDataset(*(t[:limit] for t in train_set.tensors))
+    cfg = RTSConfig(limit=limit, epochs=epochs, phase1_epochs=phase1_epochs, batch_size=batch_size, lr=lr, area=area, seed=seed)
     click.echo(f"training RTS for {model.name} on {data} ({len(train_set)} images) on {device}", err=True)
     interp, ck = train_rts(model, train_set, cfg, device=device, progress=_echo_progress)
     q = rts_quality(interp, test_set)

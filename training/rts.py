@@ -33,12 +33,13 @@ class RTSConfig(TrainConfig):
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    area: float = 2.0
+    area: float = 1.0
     area_power: float = 0.3
     smooth: float = 0.5
     preserve: float = 0.3
     fake_prob: float = 0.3
     width: int = 64
+    limit: int | None = None  # training images used (None: all); recorded with the checkpoint
 
 
 def _tv(m: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,157 @@
+"""The attack loop's invariants, its errors, and a short real ADV² run that must beat PGD's map distance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks.adv2 import PGD, Adv2
+from attacks.objectives import cw_margin, ramp, smoothed_nll, stepwise
+from attacks.pgd import Attack, Stage
+from attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
+from attacks.threats import AttackError, FlowField, LinfBall, flow_loss, quantize
+from audit.metrics import iou_at_k, iou_mean, l1
+from guard.interpreters import CAM
+from tests.conftest import tiny_classifier
+
+
+def _batch(model, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.round(torch.rand(n, 1, 28, 28, generator=g, dtype=torch.float64) * 255) / 255
+    return x, target_classes(model(x).argmax(1), 10, g)
+
+
+def test_projection_invariants_after_quantisation():
+    x0 = torch.round(torch.rand(4, 3, 8, 8) * 255) / 255
+    ball = LinfBall(8 / 255)
+    v = ball.project(x0 + torch.randn_like(x0), x0)
+    assert float((v - x0).abs().max()) <= 8 / 255 + 1e-7 and float(v.min()) >= 0 and float(v.max()) <= 1
+    q = ball.quantize(v + 0.3 / 255, x0)
+    assert float((q - x0).abs().max()) <= 8 / 255 + 1e-6
+    torch.testing.assert_close(q * 255, (q * 255).round(), rtol=0, atol=1e-4)
+    assert float(q.min()) >= 0 and float(q.max()) <= 1
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.5])
+def test_bad_eps(eps):
+    with pytest.raises(AttackError, match="ε must be in"):
+        LinfBall(eps)
+
+
+def test_bad_target_class_and_map_shape():
+    model = tiny_classifier()
+    interp = CAM(model)
+    x, yt = _batch(model, 2)
+    with pytest.raises(AttackError, match="out of range"):
+        PGD(16 / 255, steps=2)(interp, x, torch.tensor([0, 10]))
+    with pytest.raises(AttackError, match=r"target map must have shape \(2, 1, 7, 7\)"):
+        Adv2("cam", 16 / 255, steps=(1, 1))(interp, x, yt, torch.zeros(2, 1, 28, 28, dtype=torch.float64))
+    with pytest.raises(AttackError, match="needs a target map"):
+        Adv2("cam", 16 / 255, steps=(1, 1))(interp, x, yt)
+
+
+def test_loop_decreases_its_objective_and_respects_the_ball():
+    model = tiny_classifier()
+    interp = CAM(model)
+    x, yt = _batch(model)
+    mt = random_shapes(len(x), (7, 7), torch.Generator().manual_seed(1)).double()
+    atk = Attack(LinfBall(32 / 255), [Stage(60, 5.0, "sign", 1 / 255)], check_every=5, select="last")
+
+    def objective(xx):
+        with torch.no_grad():
+            e = interp(xx, yt)
+            return float((atk.pred_loss(e.logits, yt) + 5.0 * atk.int_loss(e.saliency, mt)).mean())
+
+    r = atk(interp, x, yt, mt)
+    assert objective(r.x_adv) < 0.8 * objective(x)
+    assert float((r.x_adv - x).abs().max()) <= 32 / 255 + 1e-6
+    assert r.history["loss"][-1] < r.history["loss"][0]
+
+
+def test_early_stop_keeps_successes_and_stops(fmnist_resnet, fmnist_test):
+    x, y = fmnist_test.tensors[0][:4], fmnist_test.tensors[1][:4]
+    interp = CAM(fmnist_resnet)
+    yt = target_classes(y, 10, torch.Generator().manual_seed(0))
+    r = PGD(32 / 255, steps=200, early_stop=True, check_every=2)(interp, x, yt)
+    assert r.success.all()
+    assert r.history["step"][-1] < 200  # everyone left the batch before the last step
+
+
+def test_step_rules_run():
+    model = tiny_classifier()
+    interp = CAM(model)
+    x, yt = _batch(model, 4)
+    for rule in ("l2", "adam"):
+        Attack(LinfBall(8 / 255), [Stage(3, 0.0, rule, 0.01)])(interp, x, yt)
+    with pytest.raises(AttackError, match="unknown step rule"):
+        Attack(LinfBall(8 / 255), [Stage(1, 0.0, "newton", 0.01)])(interp, x, yt)
+
+
+def test_flow_field_identity_and_smoothness():
+    x = torch.rand(2, 3, 6, 7)
+    ff = FlowField()
+    v = ff.init(x)
+    torch.testing.assert_close(ff.apply(x, v), x, rtol=0, atol=1e-6)
+    assert float(flow_loss(v).max()) == pytest.approx(4 * 6 * 7 * 1e-4)  # only the √1e-8 floor
+    v[:, 0, 2, 3] = 1.0
+    assert float(flow_loss(v).min()) > 1.0
+
+
+def test_losses_and_schedules():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    t = torch.tensor([1])
+    assert float(cw_margin(logits, t)) == pytest.approx(1.0)
+    assert float(smoothed_nll(logits, t)) > float(torch.nn.functional.cross_entropy(logits, t)) - 1
+    r = ramp(5, 10, 11)
+    assert r(0) == 5 and r(10) == 10 and r(5) == pytest.approx(7.5)
+    s = stepwise([(2, 1e-3), (2, 4e-3)])
+    assert [s(i) for i in range(5)] == [1e-3, 1e-3, 4e-3, 4e-3, 4e-3]
+
+
+def test_targets():
+    y = torch.arange(10)
+    yt = target_classes(y, 10, torch.Generator().manual_seed(0))
+    assert (yt != y).all() and int(yt.max()) < 10
+    shapes = random_shapes(5, (14, 14), torch.Generator().manual_seed(0))
+    assert shapes.shape == (5, 1, 14, 14)
+    frac = (shapes > 0.5).float().mean((1, 2, 3))
+    assert (frac > 0.03).all() and (frac < 0.6).all()
+    model = tiny_classifier()
+    interp = CAM(model)
+    pool_x, _ = _batch(model, 30)
+    pool_y = model(pool_x).argmax(1)
+    want = pool_y[:3]
+    maps = other_class_maps(interp, want, pool_x, pool_y, torch.Generator().manual_seed(0))
+    assert maps.shape == (3, 1, 7, 7)
+    with pytest.raises(AttackError, match="no image of target class"):
+        other_class_maps(interp, torch.tensor([int(pool_y.max()) + 1 if int(pool_y.max()) < 9 else 0]),
+                         pool_x[:0], pool_y[:0])
+
+
+def test_metrics_on_known_maps():
+    a = torch.zeros(1, 1, 4, 4)
+    a[..., :2, :] = 1
+    b = torch.zeros(1, 1, 4, 4)
+    b[..., :, :2] = 1
+    assert float(l1(a, a)) == 0 and float(l1(a, b)) == pytest.approx(0.5)
+    assert float(iou_at_k(a, a, 50)) == 1.0
+    assert float(iou_at_k(a, b, 50)) == pytest.approx(4 / 12)
+    assert float(iou_mean(a, a)) == 1.0
+    assert float(l1(a, torch.nn.functional.interpolate(a, size=(8, 8)))) == pytest.approx(0.0, abs=0.2)
+
+
+def test_short_adv2_cam_beats_pgd_on_real_fmnist(fmnist_resnet, fmnist_test):
+    """On the real Fashion-MNIST net, a short ADV²-CAM keeps the map closer to benign than PGD does."""
+    x, y = fmnist_test.tensors[0][:12], fmnist_test.tensors[1][:12]
+    with torch.no_grad():
+        ok = fmnist_resnet(x).argmax(1) == y
+    x, y = x[ok][:6], y[ok][:6]
+    interp = CAM(fmnist_resnet)
+    yt = target_classes(y, 10, torch.Generator().manual_seed(0))
+    bm = benign_maps(interp, x)
+    rp = PGD(24 / 255, steps=60)(interp, x, yt)
+    ra = Adv2("cam", 24 / 255, steps=(40, 120))(interp, x, yt, bm)
+    assert rp.success.float().mean() >= 0.8 and ra.success.float().mean() >= 0.8
+    both = rp.success & ra.success
+    assert float(l1(ra.explanation.saliency, bm)[both].mean()) < float(l1(rp.explanation.saliency, bm)[both].mean())
+    assert float((ra.x_adv - x).abs().max()) <= 24 / 255 + 1e-6
