@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from attacks.objectives import cw_margin, ramp, stepwise
+from attacks.objectives import cw_margin, l2sq, ramp, stepwise
 from attacks.pgd import Attack, Stage
 from attacks.threats import AttackError, LinfBall
 from guard.interpreters.base import Explanation
@@ -70,6 +70,15 @@ class Adv2(Attack):
         super().__init__(LinfBall(eps), [Stage(s1, 0.0, "sign", STEP), Stage(s2, schedule_fn, "sign", STEP)],
                          pred_loss=pred, int_loss=intl, **kw)
         self.interpreter, self.schedule_name = interpreter, schedule
+
+    # The paper tuned GRAD's λ for a summed loss over a 56×56 map; a summed loss over another map size is
+    # rescaled so the balance between ℓ_prd and ℓ_int stays the paper's.
+    REF_PIXELS = 56 * 56
+
+    def loss(self, interp, x, v, y_t, map_t, lam, idx):
+        if lam > 0 and self.int_loss is l2sq:
+            lam = lam * self.REF_PIXELS / map_t[0].numel()
+        return super().loss(interp, x, v, y_t, map_t, lam, idx)
 
     @classmethod
     def for_interpreter(cls, interp, **kw) -> "Adv2":

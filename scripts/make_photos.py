@@ -1,7 +1,7 @@
 """Regenerate training/photos/: real photos from scikit-image, scikit-learn and matplotlib sample data,
 centre-cropped to a square and resized to 224×224 RGB PNG, with their sources and licences.
 
-Run: .venv/bin/python scripts/make_photos.py   (needs the dev extras: scikit-image, scikit-learn)
+Run: .venv/bin/pip install -e ".[photos]" && .venv/bin/python scripts/make_photos.py
 """
 
 from pathlib import Path
