@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from guard.interpreters.mask import default_blur_sigma, gaussian_blur
+from guard.interpreters.base import preserved_state
 from guard.interpreters.rts import RTS
 from training.loop import TrainConfig, run
 
@@ -83,9 +84,24 @@ def train_rts(model, dataset: TensorDataset, cfg: RTSConfig, device: str = "cpu"
     torch.manual_seed(cfg.seed)
     interp = interp or RTS.untrained(model, cfg.width)
     interp.to(device)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    with preserved_state(model):  # the encoder is frozen for training and given back as it came
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        seconds = _fit(interp, dataset, cfg, device, progress)
+    net = interp.net
+    ck = {
+        "kind": "rts", "model": model.name, "tap_channels": net.tap_channels, "num_classes": net.num_classes,
+        "width": net.width, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "config": cfg.to_dict(),
+        "metrics": {"train_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+                    "machine": platform.machine(), "torch": str(torch.__version__)},
+    }
+    return interp, ck
+
+
+def _fit(interp: RTS, dataset, cfg: RTSConfig, device, progress) -> float:
+    """The two phases: class selector alone, then selector + upsampler. Returns training seconds."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     net = interp.net
     net.train()
@@ -102,16 +118,7 @@ def train_rts(model, dataset: TensorDataset, cfg: RTSConfig, device: str = "cpu"
                            seed=cfg.seed, log_every=cfg.log_every, threads=cfg.threads)
         seconds += run(net, params, step, dataset, pcfg, device=device, progress=progress)["seconds"]
     net.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    ck = {
-        "kind": "rts", "model": model.name, "tap_channels": net.tap_channels, "num_classes": net.num_classes,
-        "width": net.width, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "config": cfg.to_dict(),
-        "metrics": {"train_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
-                    "machine": platform.machine(), "torch": str(torch.__version__)},
-    }
-    return interp, ck
+    return seconds
 
 
 @torch.no_grad()
