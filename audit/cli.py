@@ -122,7 +122,8 @@ def explain(images, model_name, names, count, mask_steps, out) -> None:
         click.echo(f"  {name} done in {time.time() - t0:.1f}s", err=True)
     if not maps:
         raise InterpreterError("no interpreter could explain this model")
-    probs = e.logits.softmax(1)
+    with torch.no_grad():
+        probs = model(x).softmax(1)
     cats = model.categories or [str(i) for i in range(probs.shape[1])]
     titles = [f"{lab}\n-> {cats[int(k)]} {float(p):.0%}" for lab, p, k in zip(labels, *probs.max(1))]
     path = overlay_grid(x, maps, out / f"{model.name}.png", titles)
@@ -183,6 +184,9 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
         train_set, test_set = fashion_mnist("train"), fashion_mnist("test")
     else:
         full = ImageFolderDataset(data, size=model.input_size[1], channels=model.input_size[0])
+        if len(full.classes) > model.num_classes:
+            raise DataError(f"{data} has {len(full.classes)} class folders but model {model.name} has "
+                            f"{model.num_classes} classes (folders must be in the model's class order)")
         x, y = stack(full)
         cut = max(1, len(y) // 10)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))

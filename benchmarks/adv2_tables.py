@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--mask-steps", default=None, help="stage1,stage2 for MASK-ADV² (default: schedule)")
     ap.add_argument("--targets", default="benign", help="comma list of benign,shapes,other")
     ap.add_argument("--transfer", action="store_true", help="also the transfer matrix (needs ≥2 interpreters)")
+    ap.add_argument("--stadv", action="store_true", help="also stAdv vs stAdv-ADV² on CAM")
+    ap.add_argument("--stadv-steps", default="200,600", help="stage1,stage2 of stAdv-ADV² (stAdv runs stage1+stage2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
@@ -144,6 +146,26 @@ def main() -> None:
             row["l1_ratio"] = row["adv2_benign"]["l1"] / row["pgd"]["l1"]
         out["rows"][name] = row
         print(f"[{name}] done in {row['seconds']}s: {json.dumps(row)}", file=sys.stderr, flush=True)
+    if args.stadv:
+        from attacks.stadv import StAdv, StAdv2
+
+        it = build_interpreter("cam", model)
+        bm = torch.cat(batched(lambda s: benign_maps(it, x[s]), len(x), args.batch))
+        s1, s2 = (int(v) for v in args.stadv_steps.split(","))
+        t0 = time.time()
+        rs = torch.cat(batched(lambda s: StAdv(steps=s1 + s2)(it, x[s], y_t[s]).x_adv, len(x), args.batch))
+        ra = torch.cat(batched(lambda s: StAdv2(steps=(s1, s2))(it, x[s], y_t[s], bm[s]).x_adv, len(x), args.batch))
+        row = {}
+        for key, xa in (("stadv", rs), ("stadv2", ra)):
+            with torch.no_grad():
+                e = it(xa)
+            from attacks.pgd import AttackResult
+
+            row[key] = summarise(AttackResult(xa, e, e.logits.argmax(1) == y_t), bm, y_t)
+        row["l1_ratio"] = (row["stadv2"]["l1"] or 0) / max(row["stadv"]["l1"] or 1e-9, 1e-9)
+        row["seconds"] = round(time.time() - t0, 1)
+        out["stadv_cam"] = row
+        print(f"[stadv] done: {json.dumps(row)}", file=sys.stderr, flush=True)
     if args.transfer and len(adv_x) > 1:
         bms = {b: torch.cat(batched(lambda s: benign_maps(interps[b], x[s]), len(x), args.batch)) for b in names}
         out["transfer"] = {a: {b: float(l1(torch.cat(batched(lambda s: interps[b](xa[s]).saliency, len(x), args.batch)),
@@ -177,6 +199,13 @@ def print_tables(out: dict) -> None:
             print("|---|---|---|---|")
             for n, r in rows:
                 print(f"| {n} | {_f(r['asr'], True)} | {_f(r['l1'])} | {_f(r['benign_l1_to_target'])} |")
+    if "stadv_cam" in out:
+        r = out["stadv_cam"]
+        print("\n| CAM, spatial attack | ASR (MC) | L1 to benign map | IoU |")
+        print("|---|---|---|---|")
+        for k, label in (("stadv", "stAdv"), ("stadv2", "stAdv-ADV²")):
+            print(f"| {label} | {_f(r[k]['asr'], True)} ({_f(r[k]['mc'])}) | {_f(r[k]['l1'])} | {_f(r[k]['iou'])} |")
+        print(f"| ratio | | {_f(r['l1_ratio'])} | |")
     if "transfer" in out:
         names = list(out["transfer"])
         print("\n| source \\ read by | " + " | ".join(names) + " |")
