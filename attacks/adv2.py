@@ -106,7 +106,7 @@ class MaskAdv2(Attack):
 
     def __init__(self, eps: float = 8 / 255, schedule: str = "paper", shorten: int = 4,
                  steps: tuple[int, int] | None = None, lam: float = 1.0, track: int = 2, unroll: int = 4,
-                 resolve_every: int = 50, kappa: float = 5.0, l2_lr: float = 0.5 / 255, **kw) -> None:
+                 resolve_every: int = 50, kappa: float = 5.0, l2_lr: float = 2 / 255, **kw) -> None:
         s1, s2 = steps if steps is not None else ((400, 1000) if schedule == "paper" else (100, 250))
         if steps is None and schedule == "short" and shorten != 4:
             s1, s2 = max(1, 400 // shorten), max(1, 1000 // shorten)
@@ -157,3 +157,11 @@ class MaskAdv2(Attack):
     def describe(self) -> dict:
         return {**super().describe(), "interpreter": "mask", "schedule": self.schedule_name,
                 "track": self.track, "unroll": self.unroll}
+
+
+def make_adv2(interpreter: str, eps: float = 8 / 255, schedule: str = "paper", **kw) -> Attack:
+    """The ADV² for an interpreter name: the bilevel MaskAdv2 for "mask", Adv2 with its preset otherwise."""
+    if interpreter == "mask":
+        kw.pop("lam_scale", None)
+        return MaskAdv2(eps, schedule=schedule, **kw)
+    return Adv2(interpreter, eps, schedule=schedule, **kw)

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.adv2 import PGD, Adv2, MaskAdv2  # noqa: E402
+from attacks.adv2 import PGD, make_adv2  # noqa: E402
 from attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes  # noqa: E402
 from audit.metrics import confidence, iou_mean, l1  # noqa: E402
 from guard.interpreters import build_interpreter  # noqa: E402
@@ -45,12 +45,6 @@ def pick_inputs(model, n: int, seed: int):
     with torch.no_grad():
         ok = model(x).argmax(1) == y
     return x[ok][:n], y[ok][:n], pool
-
-
-def adv2_for(name: str, eps: float, schedule: str, shorten: int, lam_scale: float, mask_steps: tuple | None):
-    if name == "mask":
-        return MaskAdv2(eps, schedule=schedule, steps=mask_steps)
-    return Adv2(name, eps, schedule=schedule, shorten=shorten, lam_scale=lam_scale)
 
 
 def summarise(r, ref_map, y_t):
@@ -86,6 +80,7 @@ def main() -> None:
     ap.add_argument("--transfer", action="store_true", help="also the transfer matrix (needs ≥2 interpreters)")
     ap.add_argument("--stadv", action="store_true", help="also stAdv vs stAdv-ADV² on CAM")
     ap.add_argument("--stadv-steps", default="200,600", help="stage1,stage2 of stAdv-ADV² (stAdv runs stage1+stage2)")
+    ap.add_argument("--stadv-lam", default="5,10", help="λ ramp start,end of stAdv-ADV²")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
@@ -123,7 +118,8 @@ def main() -> None:
             return AttackResult(xa, e, e.logits.argmax(1) == y_t[: len(xa)])
 
         row["pgd"] = summarise(judge(pgd_x), bm, y_t)
-        atk = adv2_for(name, eps, args.schedule, args.shorten, args.lam_scale, mask_steps)
+        atk = make_adv2(name, eps, args.schedule, shorten=args.shorten, lam_scale=args.lam_scale,
+                        **({"steps": mask_steps} if name == "mask" and mask_steps else {}))
         for kind in args.targets.split(","):
             if kind == "benign":
                 mt = bm
@@ -152,9 +148,10 @@ def main() -> None:
         it = build_interpreter("cam", model)
         bm = torch.cat(batched(lambda s: benign_maps(it, x[s]), len(x), args.batch))
         s1, s2 = (int(v) for v in args.stadv_steps.split(","))
+        lam = tuple(float(v) for v in args.stadv_lam.split(","))
         t0 = time.time()
         rs = torch.cat(batched(lambda s: StAdv(steps=s1 + s2)(it, x[s], y_t[s]).x_adv, len(x), args.batch))
-        ra = torch.cat(batched(lambda s: StAdv2(steps=(s1, s2))(it, x[s], y_t[s], bm[s]).x_adv, len(x), args.batch))
+        ra = torch.cat(batched(lambda s: StAdv2(steps=(s1, s2), lam=lam)(it, x[s], y_t[s], bm[s]).x_adv, len(x), args.batch))
         row = {}
         for key, xa in (("stadv", rs), ("stadv2", ra)):
             with torch.no_grad():
@@ -164,6 +161,7 @@ def main() -> None:
             row[key] = summarise(AttackResult(xa, e, e.logits.argmax(1) == y_t), bm, y_t)
         row["l1_ratio"] = (row["stadv2"]["l1"] or 0) / max(row["stadv"]["l1"] or 1e-9, 1e-9)
         row["seconds"] = round(time.time() - t0, 1)
+        row["lam"] = list(lam)
         out["stadv_cam"] = row
         print(f"[stadv] done: {json.dumps(row)}", file=sys.stderr, flush=True)
     if args.transfer and len(adv_x) > 1:

@@ -155,3 +155,23 @@ def test_short_adv2_cam_beats_pgd_on_real_fmnist(fmnist_resnet, fmnist_test):
     both = rp.success & ra.success
     assert float(l1(ra.explanation.saliency, bm)[both].mean()) < float(l1(rp.explanation.saliency, bm)[both].mean())
     assert float((ra.x_adv - x).abs().max()) <= 24 / 255 + 1e-6
+
+
+def test_mask_adv2_and_stadv2_run_on_real_fmnist(fmnist_resnet, fmnist_test):
+    """Mechanics of the bilevel MASK attack and the flow attack on the real net (short; quality is benchmarked)."""
+    from attacks.adv2 import make_adv2
+    from attacks.stadv import StAdv2
+    from guard.interpreters import Mask
+
+    x, y = fmnist_test.tensors[0][:3], fmnist_test.tensors[1][:3]
+    yt = target_classes(y, 10, torch.Generator().manual_seed(0))
+    interp = Mask(fmnist_resnet, steps=20)
+    bm = benign_maps(interp, x)
+    r = make_adv2("mask", 24 / 255, steps=(10, 10), resolve_every=5)(interp, x, yt, bm)
+    assert r.x_adv.shape == x.shape and r.explanation.saliency.shape == (3, 1, 14, 14)
+    assert float((r.x_adv - x).abs().max()) <= 24 / 255 + 1e-6
+    assert len(r.history["step"]) == 4
+    cam = CAM(fmnist_resnet)
+    r2 = StAdv2(steps=(10, 10))(cam, x, yt, benign_maps(cam, x))
+    torch.testing.assert_close(r2.x_adv * 255, (r2.x_adv * 255).round(), rtol=0, atol=1e-4)
+    assert r2.success.dtype == torch.bool
