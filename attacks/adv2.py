@@ -162,6 +162,6 @@ class MaskAdv2(Attack):
 def make_adv2(interpreter: str, eps: float = 8 / 255, schedule: str = "paper", **kw) -> Attack:
     """The ADV² for an interpreter name: the bilevel MaskAdv2 for "mask", Adv2 with its preset otherwise."""
     if interpreter == "mask":
-        kw.pop("lam_scale", None)
+        kw["lam"] = kw.get("lam", 1.0) * kw.pop("lam_scale", 1.0)
         return MaskAdv2(eps, schedule=schedule, **kw)
     return Adv2(interpreter, eps, schedule=schedule, **kw)
