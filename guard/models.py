@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -492,14 +491,3 @@ def _from_entry_point(spec: str) -> ImageClassifier:
 def list_models() -> dict[str, str]:
     """Bundled model names and what they are."""
     return {k: v[1] for k, v in BUNDLED.items()}
-
-
-def model_card(model: ImageClassifier) -> dict:
-    """A small JSON-able identity of a model (for reports and calibration files)."""
-    n = sum(p.numel() for p in model.parameters())
-    return {"name": model.name, "input_size": list(model.input_size), "parameters": n,
-            "num_classes": len(model.categories) if model.categories else None}
-
-
-def dumps_card(model: ImageClassifier) -> str:
-    return json.dumps(model_card(model), sort_keys=True)
