@@ -107,9 +107,11 @@ class MaskAdv2(Attack):
     def __init__(self, eps: float = 8 / 255, schedule: str = "paper", shorten: int = 4,
                  steps: tuple[int, int] | None = None, lam: float = 1.0, track: int = 2, unroll: int = 4,
                  resolve_every: int = 50, kappa: float = 5.0, l2_lr: float = 2 / 255, **kw) -> None:
-        s1, s2 = steps if steps is not None else ((400, 1000) if schedule == "paper" else (100, 250))
-        if steps is None and schedule == "short" and shorten != 4:
-            s1, s2 = max(1, 400 // shorten), max(1, 1000 // shorten)
+        if schedule not in ("paper", "short"):
+            raise AttackError(f"schedule must be 'paper' or 'short', not {schedule!r}")
+        s1, s2 = steps if steps is not None else (400, 1000)
+        if steps is None and schedule == "short":
+            s1, s2 = max(1, s1 // shorten), max(1, s2 // shorten)
         kw.setdefault("check_every", resolve_every)
         super().__init__(LinfBall(eps), [Stage(s1, 0.0, "sign", STEP), Stage(s2, lam, "l2", l2_lr)],
                          pred_loss=lambda z, t: cw_margin(z, t, kappa), int_loss="l2sq", **kw)
@@ -150,7 +152,7 @@ class MaskAdv2(Attack):
         else:
             with torch.enable_grad():
                 m, _ = interp.solve(xq, p.argmax(1))
-        ok = (p.argmax(1) == y_t) & (p.gather(1, y_t[:, None]).squeeze(1) >= self.min_confidence)
+        ok = self.succeeded(logits, y_t)
         d = self.int_loss(1 - m, map_t) if map_t is not None else torch.zeros_like(p[:, 0])
         return Explanation(logits, (1 - m).detach()), ok, d
 

@@ -132,10 +132,14 @@ class Attack:
                 e = Explanation(interp.model(xq), torch.empty(0))
             else:
                 e = interp(xq)
-            p = e.logits.softmax(1)
-            ok = (p.argmax(1) == y_t) & (p.gather(1, y_t[:, None]).squeeze(1) >= self.min_confidence)
-            d = self.int_loss(e.saliency, map_t) if map_t is not None else torch.zeros_like(p[:, 0])
+            ok = self.succeeded(e.logits, y_t)
+            d = self.int_loss(e.saliency, map_t) if map_t is not None else torch.zeros_like(ok, dtype=xq.dtype)
         return e, ok, d
+
+    def succeeded(self, logits: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
+        """The success definition: argmax = c_t and p(c_t) ≥ min_confidence. (B,) bool."""
+        p = logits.softmax(1)
+        return (p.argmax(1) == y_t) & (p.gather(1, y_t[:, None]).squeeze(1) >= self.min_confidence)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def loss(self, interp: Interpreter, x: torch.Tensor, v: torch.Tensor, y_t: torch.Tensor,
