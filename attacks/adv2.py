@@ -75,10 +75,10 @@ class Adv2(Attack):
     # rescaled so the balance between ℓ_prd and ℓ_int stays the paper's.
     REF_PIXELS = 56 * 56
 
-    def loss(self, interp, x, v, y_t, map_t, lam, idx):
+    def objective(self, interp, x, y_t, map_t, lam, idx):
         if lam > 0 and self.int_loss is l2sq:
             lam = lam * self.REF_PIXELS / map_t[0].numel()
-        return super().loss(interp, x, v, y_t, map_t, lam, idx)
+        return super().objective(interp, x, y_t, map_t, lam, idx)
 
     @classmethod
     def for_interpreter(cls, interp, **kw) -> "Adv2":
@@ -131,7 +131,7 @@ class MaskAdv2(Attack):
         self._m[idx], self._ea[idx], self._eas[idx] = m, ea, eas
         return m, (ea, eas, interp.cfg.steps)
 
-    def loss(self, interp, x, v, y_t, map_t, lam, idx):
+    def objective(self, interp, x, y_t, map_t, lam, idx):
         if lam <= 0:
             return self.pred_loss(interp.model(x), y_t)
         m, st = self._solve(interp, x, y_t, idx, steps=self.track)

@@ -71,6 +71,7 @@ class Attack:
     """
 
     name = "attack"
+    DETECTED = 1e6  # added to a detected iterate's map distance in best-iterate selection
 
     def __init__(self, threat, stages: Sequence[Stage], pred_loss="nll", int_loss="mse",
                  extra: Sequence[Extra] = (), check_every: int = 10, min_confidence: float = 0.0,
@@ -84,6 +85,9 @@ class Attack:
         self.int_loss = INT_LOSSES[int_loss] if isinstance(int_loss, str) else int_loss
         self.extra, self.check_every = list(extra), max(1, check_every)
         self.min_confidence, self.select, self.early_stop, self.seed = min_confidence, select, early_stop, seed
+        self.evade: list[Callable[[torch.Tensor], torch.Tensor]] = []  # detectors to evade (attacks/adaptive.py)
+        self.adaptive_to: list[dict] = []
+        self.stage_index = 0  # the stage the loop is in (extra terms may depend on it)
 
     # -- the public call -----------------------------------------------------------------------------------
     def __call__(self, interp: Interpreter, x: torch.Tensor, y_target: torch.Tensor,
@@ -101,7 +105,8 @@ class Attack:
         return {"attack": self.name, **self.threat.describe(), "stages": [
             {"steps": s.steps, "rule": s.rule, "lr": s.lr, "lam0": s.schedule()(0),
              "lam_end": s.schedule()(max(s.steps - 1, 0))} for s in self.stages],
-            "select": self.select, "min_confidence": self.min_confidence, "check_every": self.check_every}
+            "select": self.select, "min_confidence": self.min_confidence, "check_every": self.check_every,
+            **({"adaptive_to": self.adaptive_to} if self.adaptive_to else {})}
 
     # -- checks --------------------------------------------------------------------------------------------
     def _validate(self, interp, x, y_t, map_t) -> None:
@@ -144,15 +149,21 @@ class Attack:
     # -- the loop ------------------------------------------------------------------------------------------
     def loss(self, interp: Interpreter, x: torch.Tensor, v: torch.Tensor, y_t: torch.Tensor,
              map_t: torch.Tensor | None, lam: float, idx: torch.Tensor) -> torch.Tensor:
-        """Per-sample objective of the active samples (B_active,)."""
-        if lam > 0:
-            e = interp(x, y_t)  # the map the attacker shapes is the one shown for c_t
-            total = self.pred_loss(e.logits, y_t) + lam * self.int_loss(e.saliency, map_t)
-        else:
-            total = self.pred_loss(interp.model(x), y_t)
+        """Per-sample loss of the active samples (B_active,): the objective + every extra term."""
+        total = self.objective(interp, x, y_t, map_t, lam, idx)
         for term in self.extra:
             total = total + term(x, v, idx)
         return total
+
+    def objective(self, interp: Interpreter, x: torch.Tensor, y_t: torch.Tensor, map_t: torch.Tensor | None,
+                  lam: float, idx: torch.Tensor) -> torch.Tensor:
+        """ℓ_prd + λ·ℓ_int per sample; the override point of attacks with another interpretation term.
+
+        ``idx``: which samples of the batch are active (attacks with per-sample state use it)."""
+        if lam > 0:
+            e = interp(x, y_t)  # the map the attacker shapes is the one shown for c_t
+            return self.pred_loss(e.logits, y_t) + lam * self.int_loss(e.saliency, map_t)
+        return self.pred_loss(interp.model(x), y_t)
 
     def reset(self, interp: Interpreter, x0: torch.Tensor, y_t: torch.Tensor) -> None:
         """Called once before the loop; attacks with per-sample state (MASK-ADV²) initialise it here."""
@@ -170,7 +181,7 @@ class Attack:
         hist: dict[str, list] = {"step": [], "loss": [], "success": [], "map_distance": []}
         total_steps = sum(s.steps for s in self.stages)
         step = 0
-        for stage in self.stages:
+        for self.stage_index, stage in enumerate(self.stages):
             lam_of = stage.schedule()
             for i in range(stage.steps):
                 idx = active.nonzero().squeeze(1)
@@ -201,6 +212,8 @@ class Attack:
                 if step % self.check_every == 0 or last:
                     xq = self.threat.quantize(self.threat.apply(x0[idx], v[idx]), x0[idx])
                     _, ok, d = self.judge(interp, xq, y_t[idx], None if map_t is None else map_t[idx], idx)
+                    for flagged in self.evade:  # adaptive attacks: a detected iterate is worse than any other
+                        d = d + self.DETECTED * flagged(xq).to(d.dtype)
                     if self.select == "best":
                         improve = ok & (d < best_d[idx])  # a successful iterate closer to the target map
                         take = improve | (~best_ok[idx] & ~ok)  # no success yet: keep the latest

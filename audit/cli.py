@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -169,14 +170,22 @@ def train_classifier_cmd(arch: str, epochs: int, batch_size: int, lr: float, see
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--area", default=1.0, show_default=True, help="Weight of the area term mean(M)^0.3.")
 @click.option("--limit", default=None, type=int, help="Train on the first N training images only.")
+@click.option("--adversarial", is_flag=True,
+              help="Train RTS^A: fine-tune an RTS with attacked inputs (PGD / ADV²-RTS) made on the fly.")
+@click.option("--start", "start", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="RTS checkpoint to start from (--adversarial; default: the bundled RTS of the model).")
+@click.option("--eps", default=24 / 255, show_default="24/255", help="Attack budget for --adversarial.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file to write (.pt).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @friendly
-def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area, limit, seed, out, device) -> None:
-    """Train an RTS saliency network for a classifier and report its quality on held-out data."""
+def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area, limit, adversarial, start, eps,
+                  seed, out, device) -> None:
+    """Train an RTS saliency network (or RTS^A) for a classifier and report its quality on held-out data."""
     from training.data import ImageFolderDataset, fashion_mnist, stack
     from training.rts import RTSConfig, rts_quality, train_rts
+    from training.rts_adv import RTSAdvConfig, train_rts_adv
+    from guard.interpreters.rts import RTS
     from torch.utils.data import TensorDataset
 
     model = load_model(model_name)
@@ -191,11 +200,21 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
         cut = max(1, len(y) // 10)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
         test_set, train_set = TensorDataset(x[perm[:cut]], y[perm[:cut]]), TensorDataset(x[perm[cut:]], y[perm[cut:]])
+    if adversarial and limit is None:
+        limit = RTSAdvConfig.limit  # every RTS^A batch runs an attack: a subset by default
     if limit is not None:
         train_set = TensorDataset(*(t[:limit] for t in train_set.tensors))
-    cfg = RTSConfig(limit=limit, epochs=epochs, phase1_epochs=phase1_epochs, batch_size=batch_size, lr=lr, area=area, seed=seed)
-    click.echo(f"training RTS for {model.name} on {data} ({len(train_set)} images) on {device}", err=True)
-    interp, ck = train_rts(model, train_set, cfg, device=device, progress=_echo_progress)
+    common = dict(limit=limit, epochs=epochs, batch_size=batch_size, lr=lr, area=area, seed=seed)
+    if adversarial:
+        cfg = RTSAdvConfig(**common, phase1_epochs=0, eps=eps)
+        base = RTS.for_model(model, start)
+        click.echo(f"training RTS^A for {model.name} from {start or 'the bundled RTS'} on {data} "
+                   f"({len(train_set)} images, ε = {eps * 255:.0f}/255) on {device}", err=True)
+        interp, ck = train_rts_adv(model, train_set, cfg, device=device, progress=_echo_progress, start=base)
+    else:
+        cfg = RTSConfig(**common, phase1_epochs=phase1_epochs)
+        click.echo(f"training RTS for {model.name} on {data} ({len(train_set)} images) on {device}", err=True)
+        interp, ck = train_rts(model, train_set, cfg, device=device, progress=_echo_progress)
     q = rts_quality(interp, test_set)
     ck["metrics"]["quality"] = q
     ck["metrics"]["data"] = data
@@ -203,6 +222,211 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
     click.echo(f"clean acc {q['clean_acc']:.2%}, preserved {q['preserved_acc']:.2%}, destroyed "
                f"{q['destroyed_acc']:.2%}, mean mask area {q['area']:.3f} on {q['n']} held-out images; "
                f"trained in {ck['metrics']['train_seconds']:.0f}s; wrote {out}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# audit, reproduce, detect
+# ------------------------------------------------------------------------------------------------------------
+TARGET_FLAGS = ("model", "weights", "interpreters", "data", "n", "eps", "attacks", "defenses", "schedule", "shorten")
+
+
+def _csv(v: str | None) -> list[str] | None:
+    return None if v is None else [p.strip() for p in v.split(",") if p.strip()]
+
+
+def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
+    """Preset or TOML file, then flags. ``--model`` makes a one-target audit; other target flags apply to
+    every target of the configuration."""
+    import dataclasses
+    import tomllib
+
+    from audit.presets import preset
+    from audit.runner import AuditConfig, AuditError, Target
+
+    if config is not None:
+        try:
+            raw = tomllib.loads(Path(config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise AuditError(f"cannot read config {config}: {exc}") from exc
+        cfg = AuditConfig.from_dict(raw)
+    else:
+        cfg = preset(preset_name or "default")
+    tflags = {k: v for k, v in flags.items() if k in TARGET_FLAGS and v is not None}
+    for k in ("interpreters", "attacks", "defenses"):
+        if k in tflags:
+            tflags[k] = _csv(tflags[k])
+    if "model" in tflags:
+        cfg.targets = [Target(**tflags)]
+    else:
+        cfg.targets = [dataclasses.replace(t, **tflags) for t in cfg.targets]
+    for k in ("name", "batch_size", "seed", "fpr", "device"):
+        if flags.get(k) is not None:
+            setattr(cfg, k, flags[k])
+    cfg.validate()
+    return cfg
+
+
+def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_above: float | None) -> None:
+    import json
+
+    from audit.report import summary_rows, summary_text, write_report
+    from audit.runner import AuditError, prepare_run_dir, run_audit
+
+    run_dir = out / cfg.name
+    rank = int(os.environ.get("RANK", 0))
+    resolved = cfg.to_dict()
+    if rank == 0:
+        prepare_run_dir(run_dir, resume, overwrite)
+        cfg_file = run_dir / "config.json"
+        if resume and cfg_file.is_file() and json.loads(cfg_file.read_text()) != resolved:
+            raise AuditError(f"{run_dir} was started with another configuration ({cfg_file}); resume it with the "
+                             f"same settings, or --overwrite")
+        tmp = cfg_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(resolved, indent=1))
+        os.replace(tmp, cfg_file)
+    else:
+        import time as _t
+        for _ in range(600):  # wait for rank 0 to set the folder up
+            if (run_dir / "config.json").is_file():
+                break
+            _t.sleep(0.1)
+
+    def progress(msg: str) -> None:
+        if rank == 0:
+            click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
+
+    report = run_audit(cfg, run_dir, resume=resume, progress=progress)
+    if report is None:
+        return
+    js, page = write_report(report, run_dir)
+    if as_json:
+        click.echo(json.dumps({"headline": report["headline"], "report": str(js), "html": str(page),
+                               "rows": summary_rows(report)}, indent=1))
+    else:
+        click.echo(summary_text(report))
+        click.echo(f"\nreport: {page}\nrecord: {js}")
+    score = report["headline"]["spoofability"]
+    if fail_above is not None and score > fail_above:
+        click.echo(f"FAIL: spoofability {score:.0%} is above --fail-above {fail_above:.0%}", err=True)
+        sys.exit(3)
+
+
+def _audit_options(fn):
+    opts = [
+        click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="TOML file with audit settings and [[targets]] (flags override it)."),
+        click.option("--model", help="Audit one deployment: bundled name, torchvision:<arch>, file.pt or module:function."),
+        click.option("--weights", help="Weights for torchvision:<arch> (enum name or state_dict file)."),
+        click.option("--interpreters", help="Comma list, e.g. grad,cam,rts,mask."),
+        click.option("--data", help="fashion-mnist, photos, or an ImageFolder root."),
+        click.option("--n", type=int, help="Inputs to audit per target."),
+        click.option("--eps", type=float, help="L∞ budget in 1/255 units (default 24 for 28×28, 8 otherwise)."),
+        click.option("--attacks", help="Comma list of pgd,adv2,stadv2,adaptive."),
+        click.option("--defenses", help="Comma list of squeeze,ensemble (empty string: none)."),
+        click.option("--schedule", type=click.Choice(["short", "paper"])),
+        click.option("--shorten", type=int, help="Divide every attack schedule by this (schedule short)."),
+        click.option("--batch-size", type=int),
+        click.option("--seed", type=int),
+        click.option("--fpr", type=float, help="Detector false-positive rate (default 0.05)."),
+        click.option("--device", help="auto (default), cpu, cuda, cuda:1 ..."),
+        click.option("--name", help="Run name: the report goes to <out>/<name>/."),
+        click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True),
+        click.option("--resume", is_flag=True, help="Continue a killed run from its per-batch journal."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing run folder."),
+        click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout."),
+        click.option("--fail-above", type=float, help="Exit with status 3 when the headline spoofability exceeds this (0–1)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+@main.command("audit")
+@_audit_options
+@friendly
+def audit_cmd(config, out, resume, overwrite, as_json, fail_above, **flags) -> None:
+    """Score how far a deployment (model + interpreters + defenses) can be spoofed; write runs/<name>/report.*.
+
+    With no options: the bundled default (Fashion-MNIST ResNet with GRAD, CAM, RTS, MASK, squeezing and
+    ensemble defenses; MobileNetV2 on the bundled photos with CAM), about 10 minutes on 2 CPU cores.
+    Under ``torchrun --nproc_per_node=N`` the inputs are sharded across processes.
+    """
+    cfg = resolve_config(config, None, flags)
+    _execute(cfg, out, resume, overwrite, as_json, fail_above)
+
+
+@main.command("reproduce")
+@click.argument("experiment", type=click.Choice(["table3", "table4", "table9"]))
+@_audit_options
+@friendly
+def reproduce_cmd(experiment, config, out, resume, overwrite, as_json, fail_above, **flags) -> None:
+    """Run one of the paper's experiments as a preset audit and print the paper's numbers beside ours."""
+    from audit.presets import PAPER
+
+    flags["name"] = flags.get("name") or experiment
+    cfg = resolve_config(config, experiment, flags)
+    click.echo(f"paper: {PAPER[experiment]}", err=True)
+    _execute(cfg, out, resume, overwrite, as_json, fail_above)
+    click.echo(f"\npaper ({experiment}): {PAPER[experiment]}")
+
+
+@main.command("detect")
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--model", "model_name", default="fmnist_resnet", show_default=True)
+@click.option("--calibrate", "calibrate_n", type=int, default=None,
+              help="Calibrate on this many benign inputs of --data first and save the thresholds.")
+@click.option("--data", default="fashion-mnist", show_default=True, help="Benign data for --calibrate.")
+@click.option("--fpr", default=0.05, show_default=True)
+@click.option("--thresholds", type=click.Path(path_type=Path), required=True,
+              help="Threshold file: written by --calibrate, read otherwise.")
+@friendly
+def detect_cmd(inputs, model_name, calibrate_n, data, fpr, thresholds) -> None:
+    """Feature-squeezing detection: calibrate thresholds, and/or score images, folders or a saved .pt batch."""
+    from guard.squeeze import SqueezeDetector
+    from training.data import load_images
+
+    model = load_model(model_name)
+    det = SqueezeDetector(model)
+    if calibrate_n is not None:
+        if data == "fashion-mnist":
+            from training.data import fashion_mnist
+
+            xs = fashion_mnist("test").tensors[0]
+            cal, held = xs[5000:5000 + calibrate_n], xs[7000:7000 + calibrate_n]
+        else:
+            from training.data import ImageFolderDataset, stack
+
+            x, _ = stack(ImageFolderDataset(data, size=model.input_size[1], channels=model.input_size[0]))
+            cal, held = x[: len(x) // 2], x[len(x) // 2:]
+        c = det.calibrate(cal, fpr, heldout=held)
+        det.save(thresholds)
+        click.echo(f"calibrated on {c['n']} benign inputs at FPR {fpr:.0%}; held-out FPR " + ", ".join(
+            f"{k} {v:.1%}" for k, v in c.get("fpr_heldout", {}).items()) + f"; wrote {thresholds}")
+    else:
+        det = SqueezeDetector.load(thresholds, model)
+    if not inputs:
+        return
+    tensors, names = [], []
+    for p in inputs:
+        if p.suffix == ".pt":
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+            x = obj["x_adv"] if isinstance(obj, dict) else obj
+            if not isinstance(x, torch.Tensor) or x.ndim != 4:
+                raise DataError(f"{p} must hold a (B, C, H, W) tensor or a dict with 'x_adv'")
+            tensors.append(x.float())
+            names += [f"{p.name}[{i}]" for i in range(len(x))]
+        else:
+            x, n = load_images([p], size=model.input_size[1], channels=model.input_size[0])
+            tensors.append(x)
+            names += n
+    x = torch.cat(tensors)
+    flags = det.flags(x)
+    with torch.no_grad():
+        scores = det.scores(x)
+    for i, n in enumerate(names):
+        click.echo(f"{n}: {'ADVERSARIAL' if flags['joint'][i] else 'benign'} (joint score "
+                   f"{float(scores['joint'][i]):.3f} vs threshold {det.thresholds['joint']:.3f})")
+    click.echo(f"flagged {int(flags['joint'].sum())}/{len(names)}")
 
 
 if __name__ == "__main__":

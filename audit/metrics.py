@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from guard.maps import iou_at_k, l1  # noqa: F401  (the map distances live with the detectors)
 
 K_GRID = tuple(range(5, 100, 5))
 
@@ -27,35 +28,12 @@ class Score:
     doc: str
 
 
-def _common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring two map batches (B, 1, h, w) to the larger of their resolutions (bilinear)."""
-    size = max(a.shape[-2:], b.shape[-2:], key=lambda s: s[0] * s[1])
-    a = a if a.shape[-2:] == size else F.interpolate(a, size=size, mode="bilinear", align_corners=False)
-    b = b if b.shape[-2:] == size else F.interpolate(b, size=size, mode="bilinear", align_corners=False)
-    return a, b
-
-
 def attack_success(logits: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y_target).float()
 
 
 def confidence(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(1).amax(1)
-
-
-def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = _common(a, b)
-    return (a - b).abs().flatten(1).mean(1)
-
-
-def iou_at_k(a: torch.Tensor, b: torch.Tensor, k: float) -> torch.Tensor:
-    """IoU of the sets of top-k% pixels (ties broken by index). k in (0, 100)."""
-    a, b = _common(a, b)
-    fa, fb = a.flatten(1), b.flatten(1)
-    n = max(1, round(fa.shape[1] * k / 100))
-    ta = torch.zeros_like(fa, dtype=torch.bool).scatter_(1, fa.topk(n, 1).indices, True)
-    tb = torch.zeros_like(fb, dtype=torch.bool).scatter_(1, fb.topk(n, 1).indices, True)
-    return (ta & tb).sum(1).float() / (ta | tb).sum(1).float()
 
 
 def iou_curve(a: torch.Tensor, b: torch.Tensor, ks=K_GRID) -> torch.Tensor:

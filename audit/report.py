@@ -1,7 +1,9 @@
-"""Views: PNG figures rendered from tensors already computed (no model calls here)."""
+"""Views: PNG figures from tensors already computed, and the audit report (JSON record, HTML and terminal views
+rendered from the JSON). No model calls here."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -59,3 +61,273 @@ def overlay_grid(
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The audit report: JSON is the record; the HTML and the terminal summary are rendered from the JSON only.
+# ------------------------------------------------------------------------------------------------------------
+import base64  # noqa: E402
+import html  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+SCHEMA_VERSION = 1
+ATTACK_LABELS = {"pgd": "PGD", "adv2": "ADV²", "adaptive-squeeze": "ADV²* vs squeezing",
+                 "adaptive-ensemble": "ADV²* vs ensemble", "stadv2": "stAdv-ADV²"}
+
+
+class ReportError(ValueError):
+    """A report file that is not an underfire audit report of a schema this version reads."""
+
+
+def png_b64(t: torch.Tensor, cmap: bool = False) -> str:
+    """(C, H, W) in [0, 1] → base64 PNG; ``cmap`` renders a 1-channel map with the jet colour map."""
+    from PIL import Image
+
+    a = t.detach().float().cpu().clamp(0, 1)
+    if cmap:
+        rgb = plt.get_cmap("jet")(a[0].numpy())[..., :3]
+        arr = (rgb * 255).round().astype(np.uint8)
+    elif a.shape[0] == 1:
+        arr = (a[0].numpy() * 255).round().astype(np.uint8)
+    else:
+        arr = (a.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _fig_b64(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, run_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """report.json, then report.html rendered from the JSON just written (both atomic)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=1)
+    page = render_html(json.loads(text))  # render from the JSON, as a reader of the file would
+    _atomic_write(run_dir / "report.json", text)
+    _atomic_write(run_dir / "report.html", page)
+    return run_dir / "report.json", run_dir / "report.html"
+
+
+def load_report(path: str | os.PathLike) -> dict:
+    try:
+        rep = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"cannot read report {path}: {exc}") from exc
+    if not isinstance(rep, dict) or rep.get("schema_version") != SCHEMA_VERSION:
+        raise ReportError(f"{path} is not an underfire report of schema version {SCHEMA_VERSION} "
+                          f"(found {rep.get('schema_version') if isinstance(rep, dict) else type(rep).__name__})")
+    return rep
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.0%}" if pct else f"{v:.3f}"
+
+
+def summary_rows(report: dict) -> list[dict]:
+    """One row per (target, interpreter, attack): the numbers the terminal, --json and HTML tables show."""
+    rows = []
+    for key, tg in report["targets"].items():
+        for name, a in tg["summary"]["interpreters"].items():
+            for atk, r in a.items():
+                if not isinstance(r, dict) or "asr" not in r:
+                    continue
+                det = {f"{d}:{k}": v for d, flags in r["detection"].items() for k, v in flags.items()}
+                rows.append({"target": key, "interpreter": name, "attack": atk, "asr": r["asr"]["mean"],
+                             "mc": r["mc"]["mean"], "l1": r["l1"]["mean"], "l1_ci95": r["l1"]["ci95"],
+                             "iou": r["iou"]["mean"], "detection": det})
+    return rows
+
+
+def summary_text(report: dict) -> str:
+    lines = [f"underfire audit {report['name']!r}: headline spoofability "
+             f"{report['headline']['spoofability']:.0%} ({report['seconds']:.0f}s, {report['environment']['device']})"]
+    for key, tg in report["targets"].items():
+        lines.append(f"\n{key} (n = {tg['n']}, ε = {tg['eps_255']:g}/255)")
+        for w in tg["warnings"]:
+            lines.append(f"  ! {w}")
+        lines.append(f"  {'interpreter':<12}{'attack':<20}{'ASR':>6}{'L1':>8}{'IoU':>7}  detected (decision)")
+        for r in summary_rows({"targets": {key: tg}}):
+            dets = ", ".join(f"{d} {_fmt(r['detection'].get(d + ':' + v['decision']), True)}"
+                             for d, v in tg["detectors"].items())
+            lines.append(f"  {r['interpreter']:<12}{ATTACK_LABELS.get(r['attack'], r['attack']):<20}"
+                         f"{_fmt(r['asr'], True):>6}{_fmt(r['l1']):>8}{_fmt(r['iou']):>7}  {dets}")
+        for name, a in tg["summary"]["interpreters"].items():
+            extra = "".join(f", under {k.split('_', 1)[1]} {v:.0%}" for k, v in a.items() if k.startswith("spoofability_"))
+            if "spoofability" in a:
+                lines.append(f"  spoofability {name}: {a['spoofability']:.0%} (τ = {a['tau']:.3f}){extra}")
+    return "\n".join(lines)
+
+
+# -- HTML ----------------------------------------------------------------------------------------------------
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{margin-bottom:0}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 7px;
+text-align:right;font-size:13px}th{background:#f3f3f3}td.l{text-align:left}.bad{color:#b00;font-weight:bold}
+.good{color:#070}.warnc{color:#b60;font-weight:bold}.warn{background:#fff3cd;padding:.5em;border:1px solid #e0c060}img.px{image-rendering:pixelated}
+.grid td{text-align:center;font-size:11px}small{color:#666}"""
+
+
+def _bars(tg: dict) -> str:
+    ints = tg["summary"]["interpreters"]
+    atks = [a for a in ATTACK_LABELS if any(a in v for v in ints.values())]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    w = 0.8 / max(len(atks), 1)
+    for j, atk in enumerate(atks):
+        xs = np.arange(len(ints)) + j * w
+        for ax, metric in zip(axes, ("l1", "iou")):
+            vals = [(v.get(atk, {}).get(metric, {}) or {}).get("mean") for v in ints.values()]
+            ax.bar(xs, [0 if v is None else v for v in vals], w, label=ATTACK_LABELS[atk])
+    for ax, title in zip(axes, ("L1 to the benign map (lower = looks benign)", "mean IoU@k with the benign map (higher)")):
+        ax.set_xticks(np.arange(len(ints)) + 0.4 - w / 2, [n.upper() for n in ints])
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8)
+    return _fig_b64(fig)
+
+
+def _curves(tg: dict) -> str:
+    ints = tg["summary"]["interpreters"]
+    fig, axes = plt.subplots(1, len(ints), figsize=(3.2 * len(ints), 2.8), squeeze=False)
+    ks = list(range(5, 100, 5))
+    for ax, (name, v) in zip(axes[0], ints.items()):
+        for atk, label in ATTACK_LABELS.items():
+            if atk in v:
+                ax.plot(ks, v[atk]["iou_curve"], label=label)
+        ax.set_title(name.upper(), fontsize=10)
+        ax.set_xlabel("k (% top pixels)")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("IoU with benign map")
+    axes[0][0].legend(fontsize=7)
+    return _fig_b64(fig)
+
+
+def _heatmap(tg: dict) -> str | None:
+    tr = tg["summary"]["transfer"]
+    if len(tr) < 2:
+        return None
+    names = list(tr)
+    cols = list(next(iter(tr.values())))
+    m = np.array([[tr[a][b] for b in cols] for a in names])
+    fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 1.5, 1.0 * len(names) + 1))
+    ax.imshow(m, cmap="viridis_r")
+    for i in range(len(names)):
+        for j in range(len(cols)):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="w" if m[i, j] > m.mean() else "k")
+    ax.set_xticks(range(len(cols)), [c.upper() for c in cols])
+    ax.set_yticks(range(len(names)), [f"ADV² vs {n.upper()}" for n in names])
+    ax.set_xlabel("map read by")
+    ax.set_title("transfer: L1 to the benign map", fontsize=10)
+    return _fig_b64(fig)
+
+
+def _img(b64: str, size: int = 96) -> str:
+    return f'<img class="px" width="{size}" height="{size}" src="data:image/png;base64,{b64}">'
+
+
+def _examples_html(tg: dict) -> str:
+    ex = tg["examples"]
+    recs = tg["records"]["interpreters"]
+    cats = ex["categories"]
+    rows = []
+    for i, im in enumerate(ex["images"]):
+        cells = [f"<td>{_img(im)}<br>{html.escape(cats[ex['classes'][i]])} → "
+                 f"{html.escape(cats[ex['targets'][i]])}</td>"]
+        for name, r in recs.items():
+            parts = [f"{_img(ex['maps'][name][i], 72)}<br>benign"]
+            for atk in ("pgd", "adv2"):
+                if atk in r and i < len(r[atk]["maps"]):
+                    ok = r[atk]["success"][i]
+                    parts.append(f"{_img(r[atk]['maps'][i], 72)}<br>{ATTACK_LABELS[atk]} "
+                                 f"{'✓' if ok else '✗'} L1 {r[atk]['l1'][i]:.2f}")
+            cells.append("<td>" + "</td><td>".join(parts) + "</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    head = "<tr><th>input: class → target</th>" + "".join(
+        f"<th colspan='{1 + sum(a in r for a in ('pgd', 'adv2'))}'>{n.upper()}</th>" for n, r in recs.items()) + "</tr>"
+    return f"<table class='grid'>{head}{''.join(rows)}</table>"
+
+
+def _table(tg: dict) -> str:
+    dets = tg["detectors"]
+    head = ("<tr><th>interpreter</th><th>attack</th><th>ASR</th><th>MC</th><th>L1 to benign (95% CI)</th>"
+            "<th>IoU</th>" + "".join(f"<th>detected by {d}</th>" for d in dets) + "</tr>")
+    body = []
+    for r in summary_rows({"targets": {"t": tg}}):
+        ci = r["l1_ci95"]
+        det = "".join(f"<td>{_fmt(r['detection'].get(d + ':' + v['decision']), True)}</td>" for d, v in dets.items())
+        body.append(f"<tr><td class=l>{r['interpreter'].upper()}</td><td class=l>{ATTACK_LABELS.get(r['attack'], r['attack'])}"
+                    f"</td><td>{_fmt(r['asr'], True)}</td><td>{_fmt(r['mc'])}</td><td>{_fmt(r['l1'])} "
+                    f"<small>[{_fmt(ci[0]) if ci else '–'}, {_fmt(ci[1]) if ci else '–'}]</small></td>"
+                    f"<td>{_fmt(r['iou'])}</td>{det}</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _detector_html(tg: dict) -> str:
+    out = []
+    for d, det in tg["detectors"].items():
+        cal = det["calibration"]
+        held = cal.get("fpr_heldout", {})
+        rows = "".join(f"<tr><td class=l>{html.escape(k)}{' (decision)' if k == det['decision'] else ''}</td>"
+                       f"<td>{v:.4f}</td><td>{_fmt(cal['fpr_calibration'].get(k), True)}</td>"
+                       f"<td>{_fmt(held.get(k), True)}</td></tr>" for k, v in det["thresholds"].items())
+        out.append(f"<h4>{d} ({html.escape(json.dumps(det['config']))}): calibrated on {cal['n']} benign inputs, "
+                   f"held-out {cal.get('n_heldout', 0)}</h4><table><tr><th>score</th><th>threshold</th>"
+                   f"<th>FPR calibration</th><th>FPR held-out</th></tr>{rows}</table>")
+    return "".join(out)
+
+
+def _severity(score: float) -> str:
+    return "bad" if score >= 0.25 else ("warnc" if score >= 0.05 else "good")
+
+
+def render_html(report: dict) -> str:
+    """The HTML view of a report dict (as read from report.json); figures are drawn here from its numbers."""
+    env = report["environment"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>underfire audit {html.escape(report['name'])}"
+             f"</title><style>{CSS}</style></head><body>",
+             f"<h1>underfire audit: {html.escape(report['name'])}</h1>",
+             f"<p><small>{html.escape(env['date'])} · {html.escape(env['device'])} · torch {env['torch']} · "
+             f"underfire {env['underfire']} (git {env['git']}) · {report['seconds']:.0f}s · schema "
+             f"v{report['schema_version']}</small></p>"]
+    h = report["headline"]["spoofability"]
+    parts.append(f"<p style='font-size:1.3em'>Headline spoofability: <span class='{_severity(h)}'>"
+                 f"{h:.0%}</span> of audited inputs can be pushed to the attacker's class while the map stays "
+                 f"within benign noise.</p><p><small>{html.escape(report['definitions']['spoofability'])}</small></p>")
+    for key, tg in report["targets"].items():
+        t = tg["target"]
+        parts.append(f"<h2>{html.escape(key)}</h2><p>model <b>{html.escape(tg['model'])}</b>, interpreters "
+                     f"{', '.join(t['interpreters'])}, {tg['n']} inputs, ε = {tg['eps_255']:g}/255, schedule "
+                     f"{t['schedule']}{' ÷' + str(t['shorten']) if t['schedule'] == 'short' else ''}, defenses: "
+                     f"{', '.join(t['defenses']) or 'none'}</p>")
+        for w in tg["warnings"]:
+            parts.append(f"<p class='warn'>{html.escape(w)}</p>")
+        sp = "".join(f"<tr><td class=l>{n.upper()}</td><td>{_fmt(a.get('spoofability'), True)}</td><td>{_fmt(a['tau'])}</td>"
+                     + "".join(f"<td>{_fmt(a.get('spoofability_' + d), True)}</td>" for d in t["defenses"]) + "</tr>"
+                     for n, a in tg["summary"]["interpreters"].items())
+        parts.append("<h3>Spoofability</h3><table><tr><th>interpreter</th><th>undefended (ADV²)</th>"
+                     "<th>noise level τ</th>" + "".join(f"<th>under {d} (adaptive ADV²)</th>" for d in t["defenses"])
+                     + f"</tr>{sp}</table>")
+        parts.append("<h3>Benign vs adversarial maps</h3>" + _examples_html(tg))
+        parts.append("<h3>Attacks</h3>" + _table(tg))
+        parts.append(f"<img src='data:image/png;base64,{_bars(tg)}'><br><img src='data:image/png;base64,{_curves(tg)}'>")
+        hm = _heatmap(tg)
+        if hm:
+            parts.append(f"<h3>Transfer between interpreters</h3><img src='data:image/png;base64,{hm}'>")
+        if tg["detectors"]:
+            parts.append("<h3>Detectors</h3>" + _detector_html(tg))
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -79,8 +79,13 @@ def rts_loss(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSConfig,
 
 
 def train_rts(model, dataset: TensorDataset, cfg: RTSConfig, device: str = "cpu",
-              progress: Callable[[dict], None] | None = None, interp: RTS | None = None) -> tuple[RTS, dict]:
-    """Train an RTS saliency network for ``model`` (frozen) on ``dataset``; returns it and a checkpoint dict."""
+              progress: Callable[[dict], None] | None = None, interp: RTS | None = None,
+              loss: Callable = rts_loss) -> tuple[RTS, dict]:
+    """Train an RTS saliency network for ``model`` (frozen) on ``dataset``; returns it and a checkpoint dict.
+
+    ``interp`` continues training an existing RTS (fine-tuning); ``loss(interp, x, y, cfg, gen)`` replaces
+    the objective (RTS^A in training/rts_adv.py adds its robustness term this way).
+    """
     torch.manual_seed(cfg.seed)
     interp = interp or RTS.untrained(model, cfg.width)
     interp.to(device)
@@ -88,7 +93,7 @@ def train_rts(model, dataset: TensorDataset, cfg: RTSConfig, device: str = "cpu"
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        seconds = _fit(interp, dataset, cfg, device, progress)
+        seconds = _fit(interp, dataset, cfg, device, progress, loss)
     net = interp.net
     ck = {
         "kind": "rts", "model": model.name, "tap_channels": net.tap_channels, "num_classes": net.num_classes,
@@ -100,14 +105,14 @@ def train_rts(model, dataset: TensorDataset, cfg: RTSConfig, device: str = "cpu"
     return interp, ck
 
 
-def _fit(interp: RTS, dataset, cfg: RTSConfig, device, progress) -> float:
+def _fit(interp: RTS, dataset, cfg: RTSConfig, device, progress, loss: Callable = rts_loss) -> float:
     """The two phases: class selector alone, then selector + upsampler. Returns training seconds."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     net = interp.net
     net.train()
 
     def step(_module, batch):
-        return rts_loss(interp, batch[0], batch[1], cfg, gen)
+        return loss(interp, batch[0], batch[1], cfg, gen)
 
     seconds = 0.0
     phases = [(cfg.phase1_epochs, list(net.selector.parameters())), (cfg.epochs, list(net.parameters()))]

@@ -1,0 +1,42 @@
+"""Adaptive attacks: an attack that knows the deployment's detector (feature squeezing, ensemble
+disagreement) and optimises to evade it as well.
+
+    attack = adaptive(make_adv2("cam", eps), detector)      # any attack of the suite, any Detector
+    result = attack(interp, x, y_target, benign_map)
+
+Two changes to the attack, nothing else:
+1. its objective gains, from the first step on, the detector's hinge per score s
+       w · relu(score_s(x) − margin · threshold_s)            (margin 0.75, w = 20: ADV2-NOTES)
+   computed through the detector's differentiable path (exact median filter, straight-through bit depth
+   and non-local means; the ensemble's maps). Because the hinge is active in the stage-1 warm start too,
+   the warm start already lands where squeezing does not move the prediction (the "warm start in the
+   squeezed space");
+2. in best-iterate selection an iterate the detector flags ranks below every unflagged one, so a
+   successful, undetected iterate is returned whenever one was visited.
+
+Success (ASR) keeps the attack's own definition; detection is measured separately on the result.
+"""
+
+from __future__ import annotations
+
+from attacks.pgd import Attack
+from attacks.threats import AttackError
+from guard.calibration import Detector
+
+
+def adaptive(attack: Attack, detector: Detector, margin: float = 0.75, weight: float = 20.0,
+             from_stage: int = 0) -> Attack:
+    """Make ``attack`` adaptive to the calibrated ``detector`` (in place; returns it).
+
+    ``from_stage``: the first stage whose objective carries the hinge (0: the warm start too).
+    """
+    if not detector.thresholds:
+        raise AttackError(f"the {detector.kind} detector must be calibrated before an attack can adapt to it")
+    if margin <= 0 or weight < 0:
+        raise AttackError(f"adaptive hinge needs margin > 0 and weight ≥ 0, got {margin}, {weight}")
+    hinge = detector.hinge(margin, weight)
+    attack.extra.append(lambda x, v, idx: hinge(x) if attack.stage_index >= from_stage else x.new_zeros(len(x)))
+    attack.evade.append(detector.detected)
+    attack.name = f"{attack.name}-adaptive-{detector.kind}"
+    attack.adaptive_to.append({"detector": detector.kind, "margin": margin, "weight": weight, "from_stage": from_stage})
+    return attack

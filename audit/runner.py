@@ -1,0 +1,531 @@
+"""The audit: how far can a deployment (classifier + interpreters + defenses) be spoofed?
+
+    report = run_audit(AuditConfig(targets=[Target("fmnist_resnet")]), run_dir=Path("runs/x"))
+
+For each target (a deployment and its data) the runner
+1. builds the model, its interpreters and the configured defenses (feature squeezing, an ensemble
+   disagreement detector), and runs pre-flight checks (eval mode, logits out, finite outputs, a map with
+   a gradient w.r.t. the input — warned about loudly, since a masked gradient makes any audit under-report);
+2. takes the first ``n`` correctly classified inputs, draws target classes c_t = (y + randint(1, K)) mod K,
+   calibrates the detectors on disjoint benign data at the configured FPR;
+3. per batch: PGD, ADV² per interpreter, optionally stAdv-ADV² (CAM), adaptive ADV² against each defense,
+   the transfer of each ADV² to the other interpreters, and a noise reference (the map of x + uniform
+   noise of the same ε) — every metric per sample, journaled per batch so ``resume`` never redoes a batch;
+4. aggregates once (mean, std, bootstrap 95% CI) and scores spoofability.
+
+Spoofability of an interpreter (the headline; higher = worse for the deployment): the fraction of audited
+inputs on which ADV² reaches its target class on the 8-bit image while the interpreter's map stays within
+the benign noise level τ — L1(adversarial map, benign map) ≤ τ, with τ the 95th percentile of
+L1(map of x, map of x + uniform noise in [−ε, ε]) over the audited inputs. Under a defense, the adaptive
+attack must also go undetected. The report carries these definitions.
+
+Under ``torchrun`` the batches are sharded by rank (batch i on rank i mod world); rank 0 merges the
+journals into one report, identical to a single-process run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from attacks.adaptive import adaptive
+from attacks.adv2 import PGD, make_adv2
+from attacks.stadv import StAdv2
+from attacks.targets import benign_maps, target_classes
+from audit.metrics import K_GRID, confidence, iou_curve, l1
+from guard.ensemble import DisagreementDetector, InterpreterEnsemble
+from guard.interpreters import build_interpreter
+from guard.models import load_model
+from guard.squeeze import SqueezeDetector
+from training.data import DataError, ImageFolderDataset, fashion_mnist, photos, stack
+from training.loop import distributed_setup
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+ATTACKS = ("pgd", "adv2", "stadv2", "adaptive")
+DEFENSES = ("squeeze", "ensemble")
+Progress = Callable[[str], None]
+
+
+class AuditError(ValueError):
+    """A deployment, dataset or run folder the audit cannot use; the message says which and why."""
+
+
+SPOOF_DEFINITION = (
+    "spoofability(g) = fraction of audited inputs where ADV² against g reaches c_t (argmax on the 8-bit image) "
+    "and L1(g(x_adv), g(x)) <= tau_g, tau_g = 95th percentile over the audited inputs of L1(g(x), g(x + u)), "
+    "u ~ U[-eps, eps] quantised to 8 bits; under a defense the adaptive ADV² must also not be detected. "
+    "Headline = max over targets and interpreters of the undefended spoofability.")
+
+
+@dataclass
+class Target:
+    """One deployment to audit and the data to audit it on."""
+
+    model: str = "fmnist_resnet"
+    weights: str | None = None
+    interpreters: list[str] = field(default_factory=lambda: ["grad", "cam", "rts", "mask"])
+    data: str = "fashion-mnist"  # fashion-mnist | photos | an ImageFolder root
+    n: int = 16
+    eps: float | None = None  # in 1/255; None: 24 for 28×28 inputs, 8 otherwise
+    attacks: list[str] = field(default_factory=lambda: ["pgd", "adv2", "adaptive"])
+    defenses: list[str] = field(default_factory=lambda: ["squeeze", "ensemble"])
+    adaptive_interpreters: list[str] | None = None  # None: every differentiable-at-low-cost one (not mask)
+    schedule: str = "short"
+    shorten: int = 8
+    calibration_n: int = 256
+
+    def key(self) -> str:
+        return f"{self.model}@{Path(self.data).name if os.sep in self.data else self.data}"
+
+
+@dataclass
+class AuditConfig:
+    name: str = "default"
+    targets: list[Target] = field(default_factory=lambda: [Target()])
+    batch_size: int = 16
+    seed: int = 0
+    fpr: float = 0.05
+    device: str = "auto"
+    examples: int = 3
+    bootstrap: int = 1000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AuditConfig":
+        known = {f.name for f in fields(cls)}
+        bad = set(d) - known - {"targets"}
+        if bad:
+            raise AuditError(f"unknown audit settings {sorted(bad)}; known: {sorted(known)}")
+        targets = []
+        tknown = {f.name for f in fields(Target)}
+        for t in d.get("targets", [{}]):
+            tb = set(t) - tknown
+            if tb:
+                raise AuditError(f"unknown target settings {sorted(tb)}; known: {sorted(tknown)}")
+            targets.append(Target(**t))
+        return cls(**{k: v for k, v in d.items() if k != "targets"}, targets=targets)
+
+    def validate(self) -> None:
+        if not self.targets:
+            raise AuditError("the audit has no targets")
+        if self.batch_size < 1 or not 0 < self.fpr < 1:
+            raise AuditError(f"batch_size must be ≥ 1 and fpr in (0, 1); got {self.batch_size}, {self.fpr}")
+        for t in self.targets:
+            if t.n < 1:
+                raise AuditError(f"target {t.key()}: n must be ≥ 1, got {t.n}")
+            if unknown := set(t.attacks) - set(ATTACKS):
+                raise AuditError(f"unknown attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
+            if unknown := set(t.defenses) - set(DEFENSES):
+                raise AuditError(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)}")
+            if not t.interpreters:
+                raise AuditError(f"target {t.key()} has no interpreters")
+            if "ensemble" in t.defenses and len(t.interpreters) < 2:
+                raise AuditError(f"target {t.key()}: the ensemble defense needs at least two interpreters")
+            if t.schedule not in ("paper", "short"):
+                raise AuditError(f"schedule must be 'paper' or 'short', not {t.schedule!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Deployment and data
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Deployment:
+    model: torch.nn.Module
+    interpreters: dict
+    eps: float
+    x: torch.Tensor  # audited inputs (N, C, H, W), correctly classified
+    y: torch.Tensor
+    y_t: torch.Tensor
+    x_cal: torch.Tensor | None  # benign calibration set for the detectors
+    x_heldout: torch.Tensor | None
+    warnings: list[str]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _load_data(t: Target, model) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(pool x, pool y or None when unlabelled, calibration x, held-out x)."""
+    c, h, _ = model.input_size
+    if t.data == "fashion-mnist":
+        if (c, h) != (1, 28):
+            raise AuditError(f"fashion-mnist holds 1×28×28 images; model {model.name} takes {c}×{h}×{h}")
+        xs, ys = fashion_mnist("test").tensors
+        cal = xs[5000:5000 + t.calibration_n]
+        held = xs[7000:7000 + t.calibration_n]
+        return xs[:5000], ys[:5000], cal, held
+    if t.data == "photos":
+        x, _ = photos(size=h)
+        if c != 3:
+            raise AuditError(f"the bundled photos are colour; model {model.name} takes {c} channels")
+        return x, None, None, None
+    root = Path(t.data)
+    if not root.is_dir():
+        raise AuditError(f"data {t.data!r} is neither fashion-mnist, photos nor an ImageFolder directory")
+    ds = ImageFolderDataset(root, size=h, channels=c)
+    if len(ds.classes) > model.num_classes:
+        raise DataError(f"{root} has {len(ds.classes)} class folders but model {model.name} has "
+                        f"{model.num_classes} classes (folders must be in the model's class order)")
+    x, y = stack(ds)
+    rest = x[2 * t.n:]
+    half = len(rest) // 2
+    return x, y, (rest[:half] if half else None), (rest[half:] if half else None)
+
+
+def _preflight(model, interps: dict, x: torch.Tensor) -> list[str]:
+    """Checks that would make an audit wrong; returns warnings, raises AuditError for hard failures."""
+    warnings = []
+    if model.training:
+        model.eval()
+        warnings.append("model was in training mode; the audit put it in eval mode")
+    with torch.no_grad():
+        z = model(x[:4])
+    if not torch.isfinite(z).all():
+        raise AuditError(f"model {model.name} returns NaN or inf on the audit data")
+    if z.ndim != 2 or z.shape[1] != model.num_classes:
+        raise AuditError(f"model {model.name} must return logits (B, {model.num_classes}), got {tuple(z.shape)}")
+    if (z >= 0).all() and torch.allclose(z.sum(1), torch.ones_like(z[:, 0]), atol=1e-3):
+        warnings.append("model outputs look like probabilities, not logits; losses assume logits")
+    for name, it in interps.items():
+        if name == "mask":
+            continue  # MASK's gradient flows through its unrolled inner steps; checked by the test suite
+        xg = x[:2].clone().requires_grad_(True)
+        e = it(xg)
+        (g,) = torch.autograd.grad(e.saliency.sum(), xg, allow_unused=True)
+        if g is None or not torch.isfinite(g).all() or float(g.abs().sum()) == 0:
+            warnings.append(f"WARNING: the {name} map has no gradient w.r.t. the input (masked gradient): "
+                            f"ADV² cannot optimise it and this audit UNDER-REPORTS its spoofability")
+    return warnings
+
+
+def build_deployment(t: Target, seed: int, device: torch.device) -> Deployment:
+    model = load_model(t.model, t.weights).to(device).eval()
+    interps = {n: build_interpreter(n, model) for n in t.interpreters}
+    for it in interps.values():
+        it.to(device)
+    pool_x, pool_y, x_cal, x_held = _load_data(t, model)
+    pool_x = pool_x.to(device)
+    with torch.no_grad():
+        pred = torch.cat([model(pool_x[i:i + 256]).argmax(1) for i in range(0, len(pool_x), 256)])
+    y = pred if pool_y is None else pool_y.to(device)  # unlabelled photos: the model's prediction is "y"
+    ok = (pred == y).nonzero().squeeze(1)[: t.n]
+    if len(ok) == 0:
+        raise AuditError(f"model {model.name} classifies none of the {len(pool_x)} inputs of {t.data} correctly")
+    x, y = pool_x[ok], y[ok]
+    y_t = target_classes(y.cpu(), model.num_classes, torch.Generator().manual_seed(seed)).to(device)
+    warnings = _preflight(model, interps, x)
+    if len(x) < t.n:
+        warnings.append(f"only {len(x)} correctly classified inputs available (asked for {t.n})")
+    eps = (t.eps if t.eps is not None else (24 if model.input_size[1] == 28 else 8)) / 255
+    return Deployment(model, interps, eps, x, y, y_t, None if x_cal is None else x_cal.to(device),
+                      None if x_held is None else x_held.to(device), warnings)
+
+
+def build_detectors(t: Target, dep: Deployment, fpr: float, progress: Progress) -> dict:
+    dets = {}
+    for d in t.defenses:
+        if dep.x_cal is None or len(dep.x_cal) == 0:
+            raise AuditError(f"the {d} defense needs benign calibration data; {t.data} has none to spare")
+        progress(f"{t.key()}: calibrating {d} at FPR {fpr:.0%} on {len(dep.x_cal)} benign inputs")
+        det = SqueezeDetector(dep.model) if d == "squeeze" else DisagreementDetector(list(dep.interpreters.values()))
+        det.calibrate(dep.x_cal, fpr, heldout=dep.x_heldout)
+        dets[d] = det
+    return dets
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One batch: every attack, every metric, per sample
+# ------------------------------------------------------------------------------------------------------------
+def _record(it, x_adv: torch.Tensor, y_t: torch.Tensor, bm: torch.Tensor, dets: dict, keep: int) -> dict:
+    """Per-sample metrics of one attack read by one interpreter; pictures of the first ``keep`` samples."""
+    from audit.report import png_b64
+
+    with torch.no_grad():
+        e = it(x_adv)
+    rec = {"success": (e.logits.argmax(1) == y_t).tolist(), "confidence": confidence(e.logits).tolist(),
+           "l1": l1(e.saliency, bm).tolist(), "iou_curve": iou_curve(e.saliency, bm).tolist(),
+           "predicted": e.logits.argmax(1).tolist()}
+    rec["detected"] = {d: {k: v.tolist() for k, v in det.flags(x_adv).items()} for d, det in dets.items()}
+    rec["images"] = [png_b64(im) for im in x_adv[:keep]]
+    rec["maps"] = [png_b64(it.upsample(m[None], x_adv.shape[-2:])[0], cmap=True) for m in e.saliency[:keep]]
+    return rec
+
+
+def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, keep: int,
+                  progress: Progress) -> dict:
+    x, y_t = dep.x[sl], dep.y_t[sl]
+    keep = max(0, min(keep - sl.start, len(x)))  # samples of this batch shown in the report
+    out: dict = {"index": list(range(sl.start, sl.stop)), "interpreters": {}}
+    gen = torch.Generator().manual_seed(seed + sl.start)
+    noise = (torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * dep.eps
+    x_noise = (torch.round((x + noise).clamp(0, 1) * 255) / 255)
+    bms = {}
+    for name, it in dep.interpreters.items():
+        bms[name] = benign_maps(it, x)
+        out["interpreters"][name] = {"noise_l1": l1(benign_maps(it, x_noise), bms[name]).tolist()}
+    adv_x = {}
+    if "pgd" in t.attacks:
+        progress("PGD")
+        first = next(iter(dep.interpreters.values()))
+        xp = PGD(dep.eps, steps=1000 // (t.shorten if t.schedule == "short" else 1))(first, x, y_t).x_adv
+        for name, it in dep.interpreters.items():
+            out["interpreters"][name]["pgd"] = _record(it, xp, y_t, bms[name], dets, keep)
+    for name, it in dep.interpreters.items():
+        if "adv2" in t.attacks:
+            progress(f"ADV²-{name.upper()}")
+            r = make_adv2(name, dep.eps, t.schedule, shorten=t.shorten)(it, x, y_t, bms[name])
+            adv_x[name] = r.x_adv
+            out["interpreters"][name]["adv2"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
+        if "adaptive" in t.attacks and name in _adaptive_names(t):
+            for d in t.defenses:
+                if d == "squeeze":
+                    progress(f"adaptive ADV²-{name.upper()} vs squeezing")
+                    a = adaptive(make_adv2(name, dep.eps, t.schedule, shorten=t.shorten), dets[d])
+                    r = a(it, x, y_t, bms[name])
+                    out["interpreters"][name]["adaptive-squeeze"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
+    if "adaptive" in t.attacks and "ensemble" in t.defenses:
+        members = [dep.interpreters[n] for n in _adaptive_names(t)]
+        if len(members) >= 1:
+            ens = InterpreterEnsemble(members)
+            progress(f"adaptive ADV² vs the ensemble ({ens.name})")
+            # the interpretation loss covers every member at once through the ensemble's mean map
+            a = adaptive(make_adv2("ensemble", dep.eps, t.schedule, shorten=t.shorten), dets["ensemble"])
+            xe = a(ens, x, y_t, benign_maps(ens, x)).x_adv
+            for name, it in dep.interpreters.items():
+                out["interpreters"][name]["adaptive-ensemble"] = _record(it, xe, y_t, bms[name], dets, keep)
+    if "stadv2" in t.attacks and "cam" in dep.interpreters:
+        progress("stAdv-ADV²-CAM")
+        it = dep.interpreters["cam"]
+        s = 1 if t.schedule == "paper" else t.shorten
+        r = StAdv2(steps=(max(1, 200 // s), max(1, 600 // s)))(it, x, y_t, bms["cam"])
+        out["interpreters"]["cam"]["stadv2"] = _record(it, r.x_adv, y_t, bms["cam"], dets, keep)
+    out["transfer"] = {a: {b: l1(benign_maps(dep.interpreters[b], xa), bms[b]).tolist() for b in dep.interpreters}
+                       for a, xa in adv_x.items()}
+    return out
+
+
+def _adaptive_names(t: Target) -> list[str]:
+    if t.adaptive_interpreters is not None:
+        return list(t.adaptive_interpreters)
+    return [n for n in t.interpreters if n != "mask"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Merge, aggregate, score
+# ------------------------------------------------------------------------------------------------------------
+def merge_batches(batches: list[dict]) -> dict:
+    """Concatenate per-sample lists of batch records (in batch order) into one record of the same shape."""
+    def cat(items):
+        if isinstance(items[0], dict):
+            return {k: cat([it[k] for it in items]) for k in items[0]}
+        return [v for it in items for v in it]
+    return cat(batches)
+
+
+def _ci(values: list[float], n_boot: int, seed: int) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    if t.numel() == 0:
+        return {"mean": None, "std": None, "ci95": None, "n": 0}
+    if t.numel() == 1 or n_boot <= 0:
+        return {"mean": float(t.mean()), "std": 0.0, "ci95": [float(t.mean())] * 2, "n": int(t.numel())}
+    idx = torch.randint(0, t.numel(), (n_boot, t.numel()), generator=torch.Generator().manual_seed(seed))
+    means = t[idx].mean(1)
+    return {"mean": float(t.mean()), "std": float(t.std()), "n": int(t.numel()),
+            "ci95": [float(means.quantile(0.025)), float(means.quantile(0.975))]}
+
+
+def aggregate(records: dict, decisions: dict, n_boot: int, seed: int) -> dict:
+    """Per interpreter and attack: ASR, MC, L1/IoU over successes, detection rates; spoofability."""
+    agg = {}
+    for name, per in records["interpreters"].items():
+        noise = per["noise_l1"]
+        tau = float(torch.tensor(noise).quantile(0.95)) if noise else math.nan
+        a_int = {"noise_l1": _ci(noise, n_boot, seed), "tau": tau}
+        for atk, rec in per.items():
+            if atk == "noise_l1":
+                continue
+            ok = rec["success"]
+            succ = [i for i, s in enumerate(ok) if s]
+            row = {"asr": _ci([float(s) for s in ok], n_boot, seed),
+                   "mc": _ci([rec["confidence"][i] for i in succ], n_boot, seed),
+                   "l1": _ci([rec["l1"][i] for i in succ], n_boot, seed),
+                   "iou": _ci([sum(rec["iou_curve"][i]) / len(K_GRID) for i in succ], n_boot, seed),
+                   "iou_curve": [sum(rec["iou_curve"][i][k] for i in succ) / max(len(succ), 1)
+                                 for k in range(len(K_GRID))],
+                   "detection": {d: {k: (sum(v[i] for i in succ) / len(succ) if succ else None)
+                                     for k, v in flags.items()} for d, flags in rec["detected"].items()}}
+            close = [bool(s) and d <= tau for s, d in zip(ok, rec["l1"])]
+            if atk == "adv2":
+                a_int["spoofability"] = sum(close) / len(ok)
+            elif atk.startswith("adaptive-"):
+                d = atk.split("-", 1)[1]
+                undetected = [not f for f in rec["detected"][d][decisions[d]]]
+                a_int[f"spoofability_{d}"] = sum(c and u for c, u in zip(close, undetected)) / len(ok)
+            a_int[atk] = row
+        if "pgd" in a_int and "adv2" in a_int and a_int["pgd"]["l1"]["mean"]:
+            a_int["l1_ratio"] = (a_int["adv2"]["l1"]["mean"] or 0) / a_int["pgd"]["l1"]["mean"]
+        agg[name] = a_int
+    transfer = {a: {b: sum(v) / len(v) for b, v in row.items()} for a, row in records.get("transfer", {}).items()}
+    return {"interpreters": agg, "transfer": transfer}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Examples for the report (small PNGs inside the JSON, so the HTML needs nothing else)
+# ------------------------------------------------------------------------------------------------------------
+def _examples(t: Target, dep: Deployment, k: int) -> dict:
+    from audit.report import png_b64
+
+    x = dep.x[:k]
+    ex = {"images": [png_b64(im) for im in x], "classes": dep.y[:k].tolist(), "targets": dep.y_t[:k].tolist(),
+          "categories": list(dep.model.categories), "maps": {}}
+    for name, it in dep.interpreters.items():
+        bm = benign_maps(it, x) if k else []
+        ex["maps"][name] = [png_b64(it.upsample(m[None], x.shape[-2:])[0], cmap=True) for m in bm]
+    return ex
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The audit
+# ------------------------------------------------------------------------------------------------------------
+class Journal:
+    """Per-batch JSON files under run_dir/journal/<target>/; written atomically, read back on resume."""
+
+    def __init__(self, run_dir: Path, target_key: str) -> None:
+        self.dir = run_dir / "journal" / target_key.replace("/", "_")
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, i: int) -> Path:
+        return self.dir / f"batch_{i:05d}.json"
+
+    def load(self, i: int) -> dict | None:
+        p = self.path(i)
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            log.warning("journal %s is unreadable (killed mid-write?); redoing that batch", p)
+            return None
+
+    def save(self, i: int, rec: dict) -> None:
+        tmp = self.path(i).with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, self.path(i))
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
+        raise AuditError(f"run folder {run_dir} already holds a run: pass --resume to continue it, --overwrite "
+                         f"to start again, or choose another --name")
+    if overwrite and run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def environment(device: torch.device) -> dict:
+    import platform
+    import subprocess
+
+    try:
+        from importlib.metadata import version
+        pkg = version("underfire")
+    except Exception:  # noqa: BLE001 — not installed as a distribution (running from a checkout)
+        pkg = "unknown"
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        rev = None
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
+    return {"underfire": pkg, "torch": str(torch.__version__), "python": platform.python_version(), "device": dev,
+            "threads": torch.get_num_threads(), "git": rev, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: Progress | None = None) -> dict | None:
+    """Run the audit; returns the report dict on rank 0 (None on other ranks). Writes nothing but journals.
+
+    The caller (the CLI) writes report.json/html from the returned dict, atomically.
+    """
+    cfg.validate()
+    progress = progress or (lambda msg: log.info(msg))
+    rank, world = distributed_setup()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    t_start = time.time()
+    report = {"schema_version": SCHEMA_VERSION, "name": cfg.name, "config": cfg.to_dict(),
+              "environment": {**environment(device), "world_size": world}, "definitions": {
+                  "spoofability": SPOOF_DEFINITION,
+                  "success": "argmax f(x_adv) = c_t on the 8-bit-quantised x_adv (GRAD-ADV² also p(c_t) ≥ 0.8 "
+                             "during selection); L1/IoU/MC/detection rates are over successful inputs",
+                  "detection": "a detector score flags an input when it exceeds its threshold, calibrated at the "
+                               "FPR on benign data disjoint from the audited inputs"},
+              "targets": {}}
+    for t in cfg.targets:
+        key = t.key()
+        progress(f"{key}: loading model, interpreters and data")
+        dep = build_deployment(t, cfg.seed, device)
+        for w in dep.warnings:
+            progress(f"{key}: {w}")
+        dets = build_detectors(t, dep, cfg.fpr, progress)
+        journal = Journal(run_dir, key)
+        n = len(dep.x)
+        n_batches = math.ceil(n / cfg.batch_size)
+        t0, done_here = time.time(), 0
+        mine = [i for i in range(n_batches) if i % world == rank]
+        for j, i in enumerate(mine):
+            if resume and journal.load(i) is not None:
+                progress(f"{key}: batch {i + 1}/{n_batches} already in the journal, skipped")
+                continue
+            sl = slice(i * cfg.batch_size, min(n, (i + 1) * cfg.batch_size))
+
+            def step(msg, i=i, j=j):
+                el = time.time() - t0
+                eta = f", eta {el / done_here * (len(mine) - j):.0f}s" if done_here else ""
+                progress(f"{key}: batch {i + 1}/{n_batches}: {msg} [{el:.0f}s{eta}]")
+            rec = _attack_batch(t, dep, dets, sl, cfg.seed, cfg.examples, step)
+            journal.save(i, rec)
+            done_here += 1
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            continue
+        batches = [journal.load(i) for i in range(n_batches)]
+        if any(b is None for b in batches):
+            raise AuditError(f"journal of {key} is missing batches after the run; run again with --resume")
+        records = merge_batches(batches)
+        decisions = {d: det.decision for d, det in dets.items()}
+        report["targets"][key] = {
+            "target": asdict(t), "model": dep.model.name, "eps_255": round(dep.eps * 255, 3), "n": n,
+            "warnings": dep.warnings,
+            "attacks": {"pgd": PGD(dep.eps, steps=1000 // (t.shorten if t.schedule == "short" else 1)).describe(),
+                        **{f"adv2-{nm}": make_adv2(nm, dep.eps, t.schedule, shorten=t.shorten).describe()
+                           for nm in t.interpreters}},
+            "detectors": {d: {"kind": det.kind, "decision": det.decision, "thresholds": det.thresholds,
+                              "config": det.config(), "calibration": det.calibration} for d, det in dets.items()},
+            "records": records,
+            "summary": aggregate(records, decisions, cfg.bootstrap, cfg.seed),
+            "examples": _examples(t, dep, min(cfg.examples, n)),
+        }
+    if rank != 0:
+        return None
+    spoof = [a.get("spoofability", 0.0) for tg in report["targets"].values()
+             for a in tg["summary"]["interpreters"].values()]
+    report["headline"] = {"spoofability": max(spoof) if spoof else 0.0}
+    report["seconds"] = round(time.time() - t_start, 1)
+    return report

@@ -1,0 +1,164 @@
+"""Detectors calibrated at a false-positive rate: the shared base of feature squeezing and the ensemble
+disagreement detector.
+
+A detector gives every input several named scores (higher = more suspicious), e.g. one per squeezer plus
+their maximum. Calibration sets, for each score, the threshold that flags at most ``fpr`` of a benign
+calibration set; an input is flagged by a score when it exceeds that score's threshold, and by the
+detector when its ``decision`` score does. Thresholds are saved with the identity of the model they were
+calibrated for (name + a fingerprint of its weights) and refused for any other model.
+
+    det.calibrate(x_benign, fpr=0.05)
+    det.save("runs/fmnist_resnet.squeeze.pt");  det = SqueezeDetector.load(path, model)
+    flagged = det.flags(x)["joint"]          # (B,) bool
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Callable
+
+import torch
+
+from guard.models import ModelError, read_checkpoint, save_checkpoint
+
+
+class DetectorError(ValueError):
+    """Bad calibration data, thresholds for another model, or a detector file that does not fit."""
+
+
+def threshold_at_fpr(scores: torch.Tensor, fpr: float) -> float:
+    """The smallest threshold t among the scores with #(scores > t) ≤ fpr · N (ties count as benign)."""
+    if not 0 < fpr < 1:
+        raise DetectorError(f"false-positive rate must be in (0, 1), got {fpr}")
+    s = scores.detach().flatten().double()
+    if s.numel() == 0:
+        raise DetectorError("calibration set is empty: thresholds need benign inputs")
+    if not torch.isfinite(s).all():
+        raise DetectorError("calibration scores contain NaN or inf (check the model's outputs)")
+    k = math.ceil(s.numel() * (1 - fpr))  # at least k scores must be ≤ t
+    return float(s.sort().values[max(k, 1) - 1])
+
+
+def model_identity(model) -> dict:
+    """Name and a SHA-1 fingerprint of the weights: thresholds are only valid for the model they came from."""
+    h = hashlib.sha1()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return {"name": getattr(model, "name", type(model).__name__), "fingerprint": h.hexdigest()[:16]}
+
+
+class Detector:
+    """Base class. Subclasses set ``kind`` and ``decision`` and implement ``scores`` and ``config``."""
+
+    kind = "detector"
+    decision = "joint"
+    aggregate: str | None = None  # a score that only combines the others (left out of the hinge)
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.thresholds: dict[str, float] = {}
+        self.fpr: float | None = None
+        self.calibration: dict = {}
+
+    # -- to implement ----------------------------------------------------------------------------------------
+    def scores(self, x: torch.Tensor, differentiable: bool = False) -> dict[str, torch.Tensor]:
+        """Named per-sample scores (B,). With ``differentiable`` they carry a graph to x (adaptive attacks)."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {}
+
+    # -- shared ----------------------------------------------------------------------------------------------
+    def score_all(self, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        """``scores`` over a large set in batches, without gradients."""
+        if x.shape[0] == 0:
+            raise DetectorError("no inputs to score: the set is empty")
+        parts: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for i in range(0, x.shape[0], batch_size):
+                for k, v in self.scores(x[i:i + batch_size]).items():
+                    parts.setdefault(k, []).append(v.detach().cpu())
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def calibrate(self, x_benign: torch.Tensor, fpr: float = 0.05, heldout: torch.Tensor | None = None) -> dict:
+        """Set every score's threshold at ``fpr`` on ``x_benign``; report the FPR on ``heldout`` if given."""
+        if x_benign is None or x_benign.shape[0] == 0:
+            raise DetectorError("calibration set is empty: thresholds need benign inputs")
+        s = self.score_all(x_benign)
+        self.thresholds = {k: threshold_at_fpr(v, fpr) for k, v in s.items()}
+        self.fpr = fpr
+        self.calibration = {"n": int(x_benign.shape[0]), "fpr_target": fpr,
+                            "fpr_calibration": {k: float((v > self.thresholds[k]).float().mean()) for k, v in s.items()}}
+        if heldout is not None and heldout.shape[0] > 0:
+            self.calibration["n_heldout"] = int(heldout.shape[0])
+            self.calibration["fpr_heldout"] = {k: float(v.float().mean()) for k, v in self.flag_all(heldout).items()}
+        return self.calibration
+
+    def _require_calibrated(self) -> None:
+        if not self.thresholds:
+            raise DetectorError(f"{self.kind} detector is not calibrated: call calibrate() or load thresholds")
+
+    def flags(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per score: (B,) bool, True = flagged as adversarial."""
+        self._require_calibrated()
+        with torch.no_grad():
+            s = self.scores(x)
+        return {k: v > self.thresholds[k] for k, v in s.items()}
+
+    def flag_all(self, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        self._require_calibrated()
+        return {k: v > self.thresholds[k] for k, v in self.score_all(x, batch_size).items()}
+
+    def detected(self, x: torch.Tensor) -> torch.Tensor:
+        """The detector's decision: (B,) bool by the ``decision`` score."""
+        return self.flags(x)[self.decision]
+
+    def hinge(self, margin: float = 0.75, weight: float = 20.0) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Per-sample Σ_s weight · relu(score_s(x) − margin · threshold_s): the adaptive attacker's term.
+
+        Sums over the component scores; an aggregate score (``aggregate``, e.g. the max) is covered by them."""
+        self._require_calibrated()
+
+        def term(x: torch.Tensor) -> torch.Tensor:
+            s = self.scores(x, differentiable=True)
+            return sum(weight * torch.relu(v - margin * self.thresholds[k]) for k, v in s.items()
+                       if k != self.aggregate)
+        return term
+
+    # -- files -----------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        self._require_calibrated()
+        return {"kind": self.kind, "model": model_identity(self.model), "config": self.config(),
+                "thresholds": dict(self.thresholds), "fpr": self.fpr, "calibration": self.calibration}
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_checkpoint(self.state(), path)
+
+    def load_state(self, ck: dict, source: str = "thresholds") -> "Detector":
+        if ck.get("kind") != self.kind:
+            raise DetectorError(f"{source} holds {ck.get('kind')!r} thresholds, not {self.kind!r}")
+        mine, theirs = model_identity(self.model), ck.get("model", {})
+        if mine != theirs:
+            raise DetectorError(
+                f"{source} was calibrated for model {theirs.get('name')!r} (weights {theirs.get('fingerprint')}), "
+                f"not for {mine['name']!r} (weights {mine['fingerprint']}): calibrate again for this model")
+        missing = set(self.config_keys()) - set(ck.get("thresholds", {}))
+        if missing:
+            raise DetectorError(f"{source} has no thresholds for {sorted(missing)}: calibrate again")
+        self.thresholds = {k: float(v) for k, v in ck["thresholds"].items()}
+        self.fpr, self.calibration = ck.get("fpr"), ck.get("calibration", {})
+        return self
+
+    def config_keys(self) -> list[str]:
+        """Score names this detector produces (to check a loaded file covers them)."""
+        return []
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> dict:
+        try:
+            return read_checkpoint(path)
+        except ModelError as exc:
+            raise DetectorError(str(exc)) from exc

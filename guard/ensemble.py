@@ -1,0 +1,134 @@
+"""Interpreter ensembles and their disagreement detector (the ADV² paper's first mitigation).
+
+ADV² made against one interpreter transfers poorly to others (the paper's Table 9), so on an attacked
+input the members of an ensemble disagree more than on a benign one.
+
+    ens = InterpreterEnsemble([grad, cam, rts])        # itself an Interpreter: every attack runs on it
+    e = ens(x)                                         # saliency = mean of the members' maps
+    det = DisagreementDetector([grad, cam, rts, mask]).calibrate(x_benign, fpr=0.05)
+    det.detected(x)                                    # (B,) bool
+
+Maps are compared at the finest member resolution (bilinear upsampling of the coarser ones).
+Disagreement scores per input, over all member pairs (i, j):
+    l1   mean_ij L1(m_i, m_j)                  (differentiable: the adaptive attacker's hinge uses it)
+    iou  1 − mean_ij IoU of the top-20% pixels (not differentiable; detection only)
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import torch
+
+from guard.calibration import Detector, DetectorError
+from guard.interpreters.base import Explanation, Interpreter, InterpreterError, build_interpreter
+from guard.maps import iou_at_k
+
+REDUCTIONS = ("mean", "max", "min", "median")
+
+
+def _finest(members: Sequence[Interpreter], hw: tuple[int, int]) -> tuple[int, int]:
+    return max((m.native_size(hw) for m in members), key=lambda s: s[0] * s[1])
+
+
+def member_maps(members: Sequence[Interpreter], x: torch.Tensor,
+                target: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(logits of the first member, every member's map at the finest member resolution)."""
+    size = _finest(members, tuple(x.shape[-2:]))
+    logits, maps = None, []
+    for m in members:
+        e = m(x, target)
+        logits = e.logits if logits is None else logits
+        maps.append(m.upsample(e.saliency, size))
+    return logits, maps
+
+
+class InterpreterEnsemble(Interpreter):
+    """An ensemble of interpreters of one model, itself an Interpreter.
+
+    Args:
+        members: interpreters sharing the same model (at least one).
+        reduce: how member maps combine per pixel: mean (default), max, min or median.
+    """
+
+    name = "ensemble"
+
+    def __init__(self, members: Sequence[Interpreter], reduce: str = "mean") -> None:
+        if not members:
+            raise InterpreterError("an interpreter ensemble needs at least one member")
+        model = members[0].model
+        if any(m.model is not model for m in members):
+            raise InterpreterError("all ensemble members must explain the same model object")
+        if reduce not in REDUCTIONS:
+            raise InterpreterError(f"unknown reduction {reduce!r}; use one of {', '.join(REDUCTIONS)}")
+        super().__init__(model)
+        self.members, self.reduce = list(members), reduce
+        self.name = "+".join(m.name for m in self.members)
+
+    def modules(self):
+        return tuple({id(mod): mod for m in self.members for mod in m.modules()}.values())
+
+    def native_size(self, hw):
+        return _finest(self.members, hw)
+
+    def __call__(self, x, target=None):
+        return self.explain(x, target)  # every member validates and preserves state itself
+
+    def explain(self, x, target):
+        logits, maps = member_maps(self.members, x, target)
+        stack = torch.stack(maps)  # (M, B, 1, h, w)
+        if self.reduce == "mean":
+            sal = stack.mean(0)
+        elif self.reduce == "max":
+            sal = stack.amax(0)
+        elif self.reduce == "min":
+            sal = stack.amin(0)
+        else:
+            sal = stack.median(0).values
+        return Explanation(logits, sal)
+
+
+def build_ensemble(names: str | Sequence[str], model, **kw) -> InterpreterEnsemble:
+    """``"grad+cam+rts"`` (or a list of names) → an ensemble of the registered interpreters."""
+    names = names.split("+") if isinstance(names, str) else list(names)
+    return InterpreterEnsemble([build_interpreter(n.strip(), model) for n in names if n.strip()], **kw)
+
+
+class DisagreementDetector(Detector):
+    """Flags inputs on which the members' maps disagree more than on benign data (decision: ``l1``)."""
+
+    kind = "ensemble"
+    decision = "l1"
+
+    def __init__(self, members: Sequence[Interpreter], top_k: float = 20.0) -> None:
+        if len(members) < 2:
+            raise DetectorError("a disagreement detector needs at least two interpreters")
+        super().__init__(members[0].model)
+        if any(m.model is not self.model for m in members):
+            raise DetectorError("all ensemble members must explain the same model object")
+        self.members, self.top_k = list(members), top_k
+
+    def scores(self, x: torch.Tensor, differentiable: bool = False) -> dict[str, torch.Tensor]:
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            _, maps = member_maps(self.members, x)
+            pairs = list(itertools.combinations(maps, 2))
+            l1 = torch.stack([(a - b).abs().flatten(1).mean(1) for a, b in pairs]).mean(0)
+        with torch.no_grad():
+            iou = torch.stack([iou_at_k(a.detach(), b.detach(), self.top_k) for a, b in pairs]).mean(0)
+        return {"l1": l1, "iou": 1 - iou}
+
+    def config(self) -> dict:
+        return {"members": [m.name for m in self.members], "top_k": self.top_k}
+
+    def config_keys(self) -> list[str]:
+        return ["l1", "iou"]
+
+    @classmethod
+    def load(cls, path, members: Sequence[Interpreter]) -> "DisagreementDetector":
+        ck = cls.read(path)
+        names = ck.get("config", {}).get("members")
+        if names is not None and names != [m.name for m in members]:
+            raise DetectorError(f"{path} was calibrated for members {names}, not {[m.name for m in members]}")
+        det = cls(members, ck.get("config", {}).get("top_k", 20.0))
+        return det.load_state(ck, str(path))

@@ -1,0 +1,90 @@
+"""RTS^A: the RTS interpreter trained adversarially (the ADV² paper's "adversarial interpreter training").
+
+No public code exists; this is our reading of the paper's Defense 2. During RTS training, part of every
+batch is attacked on the fly with the attack suite against the *current* RTS (targeted PGD, or ADV²-RTS
+whose target map is the benign map of the true class), and a robustness term keeps the RTS maps of the
+attacked input close to the benign input's maps for the same class:
+
+    loss = rts_loss(x, y) + w_adv · mean_c∈{y, c_t} |RTS(x_adv, c) − sg(RTS(x, c))|₁
+
+with sg = stop-gradient. A map that cannot be moved by an ε-perturbation is exactly what ADV²-RTS needs
+to move: the map it shows for c_t on x_adv stays the (empty-ish) map of c_t on x, far from the benign
+map of y the attacker asks for, so the attacker's interpretation loss stays high.
+
+    interp, ck = train_rts_adv(model, train_set, RTSAdvConfig())     # starts from the bundled RTS
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.data import TensorDataset
+
+from attacks.adv2 import PGD, Adv2
+from guard.interpreters.rts import RTS
+from training.rts import RTSConfig, rts_loss, train_rts
+
+
+@dataclass
+class RTSAdvConfig(RTSConfig):
+    epochs: int = 2  # fine-tuning epochs (selector + upsampler); phase 1 is skipped when starting from an RTS
+    phase1_epochs: int = 0
+    lr: float = 1e-3
+    adv_weight: float = 2.0  # w_adv
+    adv_fraction: float = 0.5  # share of each batch that is attacked
+    adv2_prob: float = 0.75  # per batch: ADV²-RTS with this probability, targeted PGD otherwise
+    eps: float = 24 / 255  # the Fashion-MNIST budget (see README, ε curve)
+    warm_steps: int = 5  # attack stage 1 (PGD) steps
+    joint_steps: int = 10  # attack stage 2 (ADV²) steps
+    limit: int | None = 12000
+
+
+def _attack_batch(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSAdvConfig,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attack ``x`` against the current RTS (net in eval mode); returns (x_adv, target classes)."""
+    k = interp.model.num_classes
+    y_t = ((y.cpu() + torch.randint(1, k, (len(y),), generator=gen)) % k).to(y.device)
+    n_steps = cfg.warm_steps + cfg.joint_steps
+    if torch.rand((), generator=gen) < cfg.adv2_prob:
+        attack = Adv2("rts", cfg.eps, steps=(cfg.warm_steps, cfg.joint_steps), select="last", check_every=n_steps)
+        with torch.no_grad():
+            target_map = interp(x, y).saliency  # the benign map of the true class: what ADV² aims for
+    else:
+        attack, target_map = PGD(cfg.eps, steps=n_steps, check_every=n_steps), None
+    was_training = interp.net.training
+    interp.net.eval()
+    try:
+        x_adv = attack(interp, x, y_t, target_map).x_adv
+    finally:
+        interp.net.train(was_training)
+    return x_adv, y_t
+
+
+def rts_adv_loss(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSAdvConfig,
+                 gen: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """RTS loss on the batch + the robustness term on its attacked share (mean over images)."""
+    gen = gen or torch.Generator().manual_seed(cfg.seed)
+    base, logs = rts_loss(interp, x, y, cfg, gen)
+    n = max(1, round(len(y) * cfg.adv_fraction))
+    xs, ys = x[:n], y[:n]
+    x_adv, y_t = _attack_batch(interp, xs, ys, cfg, gen)
+    classes = torch.cat([ys, y_t])
+    with torch.no_grad():
+        taps_b, _ = interp.encode(torch.cat([xs, xs]))
+        anchor = interp.net(taps_b, classes)  # (2n, 1, h, w) benign maps, per class
+        taps_a, _ = interp.encode(torch.cat([x_adv, x_adv]))
+    moved = interp.net(taps_a, classes)
+    robust = (moved - anchor).abs().flatten(1).mean(1).mean()
+    logs = {**logs, "robust_l1": robust.detach()}
+    return base + cfg.adv_weight * robust, logs
+
+
+def train_rts_adv(model, dataset: TensorDataset, cfg: RTSAdvConfig, device: str = "cpu",
+                  progress: Callable[[dict], None] | None = None, start: RTS | None = None) -> tuple[RTS, dict]:
+    """Fine-tune an RTS (default: the bundled one for ``model``) into RTS^A; returns it and a checkpoint dict."""
+    interp = start or RTS.for_model(model)
+    interp, ck = train_rts(model, dataset, cfg, device=device, progress=progress, interp=interp, loss=rts_adv_loss)
+    ck["adversarial"] = True
+    return interp, ck
