@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -295,7 +296,12 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
         if rank == 0:
             click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
 
-    report = run_audit(cfg, run_dir, resume=resume, progress=progress)
+    try:
+        report = run_audit(cfg, run_dir, resume=resume, progress=progress)
+    except BaseException:
+        if rank == 0 and not resume and not any((run_dir / "journal").rglob("batch_*.json")):
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before any result: leave nothing behind
+        raise
     if report is None:
         return
     js, page = write_report(report, run_dir)

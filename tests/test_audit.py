@@ -1,0 +1,162 @@
+"""The audit runner and CLI: report schema, HTML from JSON, resume after a kill, torchrun sharding, exit codes,
+bad deployments. Runs a tiny real audit (Fashion-MNIST ResNet, CAM + RTS, squeezing) through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from audit.report import SCHEMA_VERSION, ReportError, load_report, render_html
+from audit.runner import AuditConfig, AuditError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """
+name = "tiny"
+batch_size = 2
+bootstrap = 50
+examples = 1
+[[targets]]
+model = "fmnist_resnet"
+interpreters = ["cam", "rts"]
+n = 4
+attacks = ["pgd", "adv2", "adaptive"]
+defenses = ["squeeze"]
+shorten = 100
+calibration_n = 32
+adaptive_interpreters = ["cam"]
+"""
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def cli(*args, cwd, check=False, **kw):
+    return subprocess.run([sys.executable, "-m", "audit.cli", *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=600, check=check, **kw)
+
+
+def records(run: Path) -> dict:
+    rep = json.loads((run / "report.json").read_text())
+    return {k: (t["records"], t["summary"]) for k, t in rep["targets"].items()}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("audit")
+    (d / "tiny.toml").write_text(CONFIG)
+    return d
+
+
+@pytest.fixture(scope="module")
+def full_run(work):
+    r = cli("audit", "--config", "tiny.toml", "--out", "runs", "--json", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work / "runs" / "tiny", r
+
+
+def test_report_json_schema_and_summary(full_run):
+    run, r = full_run
+    summary = json.loads(r.stdout)
+    rep = load_report(run / "report.json")
+    assert rep["schema_version"] == SCHEMA_VERSION
+    assert rep["config"]["targets"][0]["interpreters"] == ["cam", "rts"]
+    assert rep["environment"]["torch"] and rep["environment"]["device"]
+    t = rep["targets"]["fmnist_resnet@fashion-mnist"]
+    assert t["n"] == 4 and len(t["records"]["interpreters"]["cam"]["adv2"]["l1"]) == 4
+    assert set(t["summary"]["interpreters"]["cam"]) >= {"pgd", "adv2", "adaptive-squeeze", "spoofability", "tau"}
+    assert 0 <= summary["headline"]["spoofability"] <= 1
+    assert summary["headline"] == rep["headline"]
+    assert "squeeze" in t["detectors"] and t["detectors"]["squeeze"]["calibration"]["n"] == 32
+    assert "progress" not in r.stdout and "batch 2/2" in r.stderr  # progress on stderr, data on stdout
+    assert json.loads((run / "config.json").read_text())["name"] == "tiny"
+
+
+def test_html_is_rendered_from_the_json_only(full_run):
+    run, _ = full_run
+    page = (run / "report.html").read_text()
+    assert page == render_html(json.loads((run / "report.json").read_text()))
+    assert page.count("<img") >= 5 and "Headline spoofability" in page
+
+
+def test_load_report_rejects_other_schemas(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"schema_version": 999}))
+    with pytest.raises(ReportError, match="schema version"):
+        load_report(tmp_path / "r.json")
+
+
+def test_resume_after_kill_gives_identical_results(full_run, work):
+    run_a, _ = full_run
+    p = subprocess.Popen([sys.executable, "-m", "audit.cli", "audit", "--config", "tiny.toml", "--out", "killed"],
+                         cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = work / "killed" / "tiny" / "journal" / "fmnist_resnet@fashion-mnist" / "batch_00000.json"
+    t0 = time.time()
+    while not first.exists() and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert first.exists() and not (work / "killed" / "tiny" / "report.json").exists()
+    again = cli("audit", "--config", "tiny.toml", "--out", "killed", cwd=work)
+    assert again.returncode == 1 and "--resume" in again.stderr  # never silently overwrites a run
+    r = cli("audit", "--config", "tiny.toml", "--out", "killed", "--resume", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "batch 1/2 already in the journal, skipped" in r.stderr
+    assert records(work / "killed" / "tiny") == records(run_a)
+
+
+def test_torchrun_two_processes_equal_one(full_run, work):
+    run_a, _ = full_run
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
+                        "-m", "audit.cli", "audit", "--config", "tiny.toml", "--out", "dist"],
+                       cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((work / "dist" / "tiny" / "report.json").read_text())
+    assert rep["environment"]["world_size"] == 2
+    assert records(work / "dist" / "tiny") == records(run_a)
+
+
+def test_fail_above_exit_codes(work, full_run):
+    ok = cli("audit", "--config", "tiny.toml", "--out", "runs", "--resume", "--fail-above", "1.0", cwd=work)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    bad = cli("audit", "--config", "tiny.toml", "--out", "runs", "--resume", "--fail-above", "-0.01", cwd=work)
+    assert bad.returncode == 3 and "FAIL: spoofability" in bad.stderr
+
+
+def _one_error(r, needle: str, out: Path):
+    assert r.returncode == 1, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not list(out.rglob("report.json")) and not list(out.rglob("report.html"))
+
+
+def test_bad_deployments_get_one_clear_error(work, tmp_path):
+    out = tmp_path / "runs"
+    args = ("--n", "2", "--interpreters", "grad", "--defenses", "", "--attacks", "pgd", "--shorten", "100",
+            "--out", str(out))
+    _one_error(cli("audit", "--model", "no_such_model", *args, cwd=work), "no_such_model", out)
+    _one_error(cli("audit", "--model", "tests.helpers:nan_model", *args, cwd=work), "NaN", out)
+    junk = tmp_path / "junk" / "shirts"
+    junk.mkdir(parents=True)
+    (junk / "a.png").write_text("this is not a png")
+    _one_error(cli("audit", "--model", "fmnist_resnet", "--data", str(tmp_path / "junk"), *args, cwd=work), "a.png", out)
+    many = tmp_path / "many"
+    for i in range(11):
+        (many / f"c{i:02d}").mkdir(parents=True)
+        Image.new("L", (28, 28), color=i * 20).save(many / f"c{i:02d}" / "x.png")
+    _one_error(cli("audit", "--model", "fmnist_resnet", "--data", str(many), *args, cwd=work), "11 class folders", out)
+    assert not out.exists() or not any(out.iterdir())  # failed runs leave no folder behind
+
+
+def test_config_validation():
+    with pytest.raises(AuditError, match="unknown audit settings"):
+        AuditConfig.from_dict({"nme": "x"})
+    with pytest.raises(AuditError, match="unknown attacks"):
+        AuditConfig.from_dict({"targets": [{"attacks": ["fgsm"]}]}).validate()
+    with pytest.raises(AuditError, match="two interpreters"):
+        AuditConfig.from_dict({"targets": [{"interpreters": ["cam"], "defenses": ["ensemble"]}]}).validate()

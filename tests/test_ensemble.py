@@ -1,0 +1,67 @@
+"""Interpreter ensembles and the disagreement detector."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks.adv2 import Adv2
+from guard.calibration import DetectorError
+from guard.ensemble import DisagreementDetector, InterpreterEnsemble, build_ensemble
+from guard.interpreters import build_interpreter
+from guard.interpreters.base import InterpreterError
+from tests.conftest import tiny_classifier
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max", "min", "median"])
+def test_ensemble_of_identical_members_equals_the_member(reduce):
+    model = tiny_classifier()
+    cam = build_interpreter("cam", model)
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    one, three = cam(x), InterpreterEnsemble([cam, cam, cam], reduce=reduce)(x)
+    torch.testing.assert_close(three.saliency, one.saliency, atol=1e-12, rtol=0)
+    torch.testing.assert_close(three.logits, one.logits)
+
+
+def test_ensemble_common_resolution_and_gradient():
+    model = tiny_classifier()
+    ens = build_ensemble("grad+cam", model)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, requires_grad=True)
+    e = ens(x)
+    assert e.saliency.shape == (2, 1, 7, 7) == (2, 1, *ens.native_size((28, 28)))  # GRAD 7×7 (pool 4), CAM 7×7
+    (g,) = torch.autograd.grad(e.saliency.sum(), x)
+    assert g.abs().sum() > 0
+    assert not model.training
+
+
+def test_ensemble_errors():
+    a, b = tiny_classifier(), tiny_classifier(seed=1)
+    with pytest.raises(InterpreterError, match="at least one"):
+        InterpreterEnsemble([])
+    with pytest.raises(InterpreterError, match="same model"):
+        InterpreterEnsemble([build_interpreter("cam", a), build_interpreter("cam", b)])
+    with pytest.raises(InterpreterError, match="reduction"):
+        InterpreterEnsemble([build_interpreter("cam", a)], reduce="mode")
+    with pytest.raises(DetectorError, match="two"):
+        DisagreementDetector([build_interpreter("cam", a)])
+
+
+def test_an_attack_runs_against_an_ensemble_unchanged(fmnist_resnet, fmnist_small):
+    x, y = fmnist_small
+    ens = build_ensemble("cam+rts", fmnist_resnet)
+    r = Adv2("ensemble", 24 / 255, steps=(3, 3), check_every=3)(ens, x[:2], (y[:2] + 1) % 10, ens(x[:2]).saliency)
+    assert r.explanation.saliency.shape == (2, 1, 7, 7)
+
+
+def test_disagreement_detector_reaches_its_fpr_on_real_benign_data(fmnist_resnet, fmnist_test, tmp_path):
+    x = fmnist_test.tensors[0]
+    members = [build_interpreter(n, fmnist_resnet) for n in ("grad", "cam", "rts")]
+    det = DisagreementDetector(members)
+    cal = det.calibrate(x[5000:5500], 0.05, heldout=x[7000:7500])
+    for k, v in cal["fpr_heldout"].items():
+        assert abs(v - 0.05) <= 0.03, (k, v)
+    det.save(tmp_path / "ens.pt")
+    again = DisagreementDetector.load(tmp_path / "ens.pt", members)
+    assert again.thresholds == det.thresholds
+    with pytest.raises(DetectorError, match="members"):
+        DisagreementDetector.load(tmp_path / "ens.pt", members[:2])
