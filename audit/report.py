@@ -235,7 +235,7 @@ def _heatmap(tg: dict) -> str | None:
     return _fig_b64(fig)
 
 
-def _img(b64: str, size: int = 96) -> str:
+def _img_tag(b64: str, size: int = 96) -> str:
     return f'<img class="px" width="{size}" height="{size}" src="data:image/png;base64,{b64}">'
 
 
@@ -245,14 +245,14 @@ def _examples_html(tg: dict) -> str:
     cats = ex["categories"]
     rows = []
     for i, im in enumerate(ex["images"]):
-        cells = [f"<td>{_img(im)}<br>{html.escape(cats[ex['classes'][i]])} → "
+        cells = [f"<td>{_img_tag(im)}<br>{html.escape(cats[ex['classes'][i]])} → "
                  f"{html.escape(cats[ex['targets'][i]])}</td>"]
         for name, r in recs.items():
-            parts = [f"{_img(ex['maps'][name][i], 72)}<br>benign"]
+            parts = [f"{_img_tag(ex['maps'][name][i], 72)}<br>benign"]
             for atk in ("pgd", "adv2"):
                 if atk in r and i < len(r[atk]["maps"]):
                     ok = r[atk]["success"][i]
-                    parts.append(f"{_img(r[atk]['maps'][i], 72)}<br>{ATTACK_LABELS[atk]} "
+                    parts.append(f"{_img_tag(r[atk]['maps'][i], 72)}<br>{ATTACK_LABELS[atk]} "
                                  f"{'✓' if ok else '✗'} L1 {r[atk]['l1'][i]:.2f}")
             cells.append("<td>" + "</td><td>".join(parts) + "</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
