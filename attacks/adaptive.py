@@ -5,12 +5,14 @@ disagreement) and optimises to evade it as well.
     result = attack(interp, x, y_target, benign_map)
 
 Two changes to the attack, nothing else:
-1. its objective gains, from the first step on, the detector's hinge per score s
-       w · relu(score_s(x) − margin · threshold_s)            (margin 0.75, w = 20: ADV2-NOTES)
+1. its objective gains the detector's hinge per score s
+       w · relu(score_s(x) − margin · threshold_s)            (margin 0.75 as in ADV2-NOTES; w = 5)
    computed through the detector's differentiable path (exact median filter, straight-through bit depth
-   and non-local means; the ensemble's maps). Because the hinge is active in the stage-1 warm start too,
-   the warm start already lands where squeezing does not move the prediction (the "warm start in the
-   squeezed space");
+   and non-local means; the ensemble's maps). ``from_stage=0`` puts the hinge into the stage-1 warm start
+   as well (a warm start in the squeezed space). Measured on the Fashion-MNIST ResNet, CAM, 30 images,
+   ε = 24/255, ÷4 schedule: hinge from the warm start with w = 5 → ASR 63%, w = 2 → 90%; hinge from
+   stage 2 with w = 5 → ASR 100% and joint detection 10% (basic ADV²: 86%). Hence the defaults
+   (from_stage=1, w = 5) and the notes' weight 10–50 scaled down for sign steps;
 2. in best-iterate selection an iterate the detector flags ranks below every unflagged one, so a
    successful, undetected iterate is returned whenever one was visited.
 
@@ -24,8 +26,8 @@ from attacks.threats import AttackError
 from guard.calibration import Detector
 
 
-def adaptive(attack: Attack, detector: Detector, margin: float = 0.75, weight: float = 20.0,
-             from_stage: int = 0) -> Attack:
+def adaptive(attack: Attack, detector: Detector, margin: float = 0.75, weight: float = 5.0,
+             from_stage: int = 1) -> Attack:
     """Make ``attack`` adaptive to the calibrated ``detector`` (in place; returns it).
 
     ``from_stage``: the first stage whose objective carries the hinge (0: the warm start too).

@@ -33,10 +33,12 @@ def table3() -> AuditConfig:
 
 
 def table4() -> AuditConfig:
+    """Feature squeezing vs PGD, basic and adaptive ADV² (MASK left out: its adaptive attack re-solves the
+    mask inside every step; run it with --interpreters grad,cam,rts,mask where the time exists)."""
     return AuditConfig(name="table4", batch_size=50, targets=[
-        Target(m, interpreters=["grad", "cam", "rts"], n=100, defenses=["squeeze"], attacks=["pgd", "adv2", "adaptive"],
-               shorten=4, adaptive_interpreters=["grad", "cam", "rts"], calibration_n=1000)
-        for m in ("fmnist_resnet", "fmnist_densenet")])
+        Target("fmnist_resnet", interpreters=["grad", "cam", "rts"], n=50, defenses=["squeeze"],
+               attacks=["pgd", "adv2", "adaptive"], shorten=4, adaptive_interpreters=["grad", "cam", "rts"],
+               calibration_n=1000)])
 
 
 def table9() -> AuditConfig:

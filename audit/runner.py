@@ -54,6 +54,9 @@ SCHEMA_VERSION = 1
 ATTACKS = ("pgd", "adv2", "stadv2", "adaptive")
 DEFENSES = ("squeeze", "ensemble")
 Progress = Callable[[str], None]
+# The adaptive attacks' hinge pulls against the map term; λ ×3 restores most of the map fidelity
+# (Fashion-MNIST ResNet, CAM, 30 images: L1 to benign 0.154 → 0.130 at the same ASR 100%).
+ADAPTIVE_LAM = 3.0
 
 
 class AuditError(ValueError):
@@ -80,6 +83,7 @@ class Target:
     attacks: list[str] = field(default_factory=lambda: ["pgd", "adv2", "adaptive"])
     defenses: list[str] = field(default_factory=lambda: ["squeeze", "ensemble"])
     adaptive_interpreters: list[str] | None = None  # None: every differentiable-at-low-cost one (not mask)
+    ensemble_members: list[str] | None = None  # the disagreement detector's members; None: all but mask
     schedule: str = "short"
     shorten: int = 8
     calibration_n: int = 256
@@ -131,8 +135,12 @@ class AuditConfig:
                 raise AuditError(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)}")
             if not t.interpreters:
                 raise AuditError(f"target {t.key()} has no interpreters")
-            if "ensemble" in t.defenses and len(t.interpreters) < 2:
-                raise AuditError(f"target {t.key()}: the ensemble defense needs at least two interpreters")
+            if "ensemble" in t.defenses and len(_ensemble_names(t)) < 2:
+                raise AuditError(f"target {t.key()}: the ensemble defense needs at least two interpreters "
+                                 f"(MASK counts only when named in ensemble_members)")
+            for group in (t.ensemble_members or [], t.adaptive_interpreters or []):
+                if unknown := set(group) - set(t.interpreters):
+                    raise AuditError(f"target {t.key()}: {sorted(unknown)} are not among its interpreters")
             if t.schedule not in ("paper", "short"):
                 raise AuditError(f"schedule must be 'paper' or 'short', not {t.schedule!r}")
 
@@ -242,7 +250,8 @@ def build_detectors(t: Target, dep: Deployment, fpr: float, progress: Progress) 
         if dep.x_cal is None or len(dep.x_cal) == 0:
             raise AuditError(f"the {d} defense needs benign calibration data; {t.data} has none to spare")
         progress(f"{t.key()}: calibrating {d} at FPR {fpr:.0%} on {len(dep.x_cal)} benign inputs")
-        det = SqueezeDetector(dep.model) if d == "squeeze" else DisagreementDetector(list(dep.interpreters.values()))
+        det = (SqueezeDetector(dep.model) if d == "squeeze" else
+               DisagreementDetector([dep.interpreters[n] for n in _ensemble_names(t)]))
         det.calibrate(dep.x_cal, fpr, heldout=dep.x_heldout)
         dets[d] = det
     return dets
@@ -295,7 +304,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
             for d in t.defenses:
                 if d == "squeeze":
                     progress(f"adaptive ADV²-{name.upper()} vs squeezing")
-                    a = adaptive(make_adv2(name, dep.eps, t.schedule, shorten=t.shorten), dets[d])
+                    a = adaptive(make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, lam_scale=ADAPTIVE_LAM), dets[d])
                     r = a(it, x, y_t, bms[name])
                     out["interpreters"][name]["adaptive-squeeze"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
     if "adaptive" in t.attacks and "ensemble" in t.defenses:
@@ -304,7 +313,8 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
             ens = InterpreterEnsemble(members)
             progress(f"adaptive ADV² vs the ensemble ({ens.name})")
             # the interpretation loss covers every member at once through the ensemble's mean map
-            a = adaptive(make_adv2("ensemble", dep.eps, t.schedule, shorten=t.shorten), dets["ensemble"])
+            a = adaptive(make_adv2("ensemble", dep.eps, t.schedule, shorten=t.shorten, lam_scale=ADAPTIVE_LAM),
+                         dets["ensemble"])
             xe = a(ens, x, y_t, benign_maps(ens, x)).x_adv
             for name, it in dep.interpreters.items():
                 out["interpreters"][name]["adaptive-ensemble"] = _record(it, xe, y_t, bms[name], dets, keep)
@@ -317,6 +327,14 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     out["transfer"] = {a: {b: l1(benign_maps(dep.interpreters[b], xa), bms[b]).tolist() for b in dep.interpreters}
                        for a, xa in adv_x.items()}
     return out
+
+
+def _ensemble_names(t: Target) -> list[str]:
+    """Members of the disagreement detector. MASK is left out by default: the adaptive attacker would
+    have to re-solve it (300 optimisation steps) inside every one of its own steps."""
+    if t.ensemble_members is not None:
+        return list(t.ensemble_members)
+    return [n for n in t.interpreters if n != "mask"]
 
 
 def _adaptive_names(t: Target) -> list[str]:

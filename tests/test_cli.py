@@ -57,3 +57,24 @@ def test_explain_fmnist_writes_png(tmp_path):
     png = tmp_path / "x" / "fmnist_resnet.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     assert not list((tmp_path / "x").glob("*.tmp*"))
+
+
+def test_detect_calibrates_then_scores_files(tmp_path):
+    """`underfire detect`: calibrate on real benign images, save, reload for another call, score a .pt batch."""
+    import torch
+
+    from training.data import fashion_mnist
+
+    th = tmp_path / "sq.pt"
+    r = run("detect", "--calibrate", "60", "--thresholds", th, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert th.is_file() and "held-out FPR" in r.stdout
+    x = fashion_mnist("test").tensors[0][:3]
+    noisy = (x + 0.3 * torch.randn_like(x)).clamp(0, 1)  # heavy noise: squeezing moves the prediction
+    torch.save({"x_adv": torch.cat([x, noisy])}, tmp_path / "batch.pt")
+    r = run("detect", "--thresholds", th, tmp_path / "batch.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("batch.pt[")]
+    assert len(lines) == 6 and "flagged" in r.stdout
+    r = run("detect", "--model", "fmnist_densenet", "--thresholds", th, cwd=tmp_path)
+    assert r.returncode == 1 and "calibrated for model 'fmnist_resnet'" in r.stderr
