@@ -165,6 +165,11 @@ class Attack:
             return self.pred_loss(e.logits, y_t) + lam * self.int_loss(e.saliency, map_t)
         return self.pred_loss(interp.model(x), y_t)
 
+    def line_search(self, interp: Interpreter, x0: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
+                    y_t: torch.Tensor, lam: float) -> torch.Tensor:
+        """The L2 rule's update v − step; attacks with a line search (MASK-ADV²) choose its length here."""
+        return v - step
+
     def reset(self, interp: Interpreter, x0: torch.Tensor, y_t: torch.Tensor) -> None:
         """Called once before the loop; attacks with per-sample state (MASK-ADV²) initialise it here."""
 
@@ -197,7 +202,8 @@ class Attack:
                         vn = vi - stage.lr * g.sign()
                     elif stage.rule == "l2":
                         norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.ndim - 1))
-                        vn = vi - stage.lr * math.sqrt(g[0].numel()) * g / norm
+                        vn = self.line_search(interp, x0[idx], vi, stage.lr * math.sqrt(g[0].numel()) * g / norm,
+                                              y_t[idx], lam)
                     elif stage.rule == "adam":
                         adam_t += 1
                         adam_m[idx] = 0.9 * adam_m[idx] + 0.1 * g

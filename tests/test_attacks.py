@@ -175,3 +175,29 @@ def test_mask_adv2_and_stadv2_run_on_real_fmnist(fmnist_resnet, fmnist_test):
     r2 = StAdv2(steps=(10, 10))(cam, x, yt, benign_maps(cam, x))
     torch.testing.assert_close(r2.x_adv * 255, (r2.x_adv * 255).round(), rtol=0, atol=1e-4)
     assert r2.success.dtype == torch.bool
+
+
+def test_mask_line_search_keeps_the_target_margin(fmnist_resnet, fmnist_test):
+    """The bisection returns a step whose image keeps c_t's logit margin ≥ min(10, the margin before)."""
+    from attacks.adv2 import MaskAdv2
+    from attacks.objectives import cw_margin
+    from guard.interpreters import Mask
+
+    x, y = fmnist_test.tensors[0][:8], fmnist_test.tensors[1][:8]
+    yt = target_classes(y, 10, torch.Generator().manual_seed(0))
+    xa = PGD(24 / 255, steps=60)(CAM(fmnist_resnet), x, yt).x_adv
+    atk = MaskAdv2(24 / 255)
+    step = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * (2 / 255) * 28  # RMS 2/255 per pixel
+    vn = atk.line_search(Mask(fmnist_resnet), x, xa, step, yt, lam=1.0)
+
+    def margin(v):
+        with torch.no_grad():
+            return -cw_margin(fmnist_resnet(atk.threat.project(v, x)), yt, float("inf"))
+
+    before, after = margin(xa), margin(vn)
+    moved = (vn - xa).flatten(1).norm(dim=1) / step.flatten(1).norm(dim=1)  # chosen multiple s of the step
+    kept = after >= torch.clamp(before, max=10.0) - 1e-4
+    fallback = (moved - atk.s_max / 2 ** (atk.search_iters + 1)).abs() < 1e-4
+    assert bool((kept | fallback).all())
+    assert bool((moved <= atk.s_max + 1e-4).all()) and bool((moved > 0).all())
+    assert torch.equal(atk.line_search(Mask(fmnist_resnet), x, xa, step, yt, lam=0.0), xa - step)  # stage 1: plain
