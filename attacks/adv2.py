@@ -100,18 +100,19 @@ class MaskAdv2(Attack):
     Every ``resolve_every`` steps the mask is re-solved from scratch (the full MASK schedule) on the
     8-bit image, which is also when iterates are judged.
 
-    Step length: with ``line_search`` (default) each stage-2 step is the longest multiple s ∈ [0, s_max] of
-    the L2-normalised step (bisection, ``search_iters`` halvings) whose projected image still gives c_t a logit
-    margin of at least min(``margin``, the current margin) — the authors' bisection under a logit margin,
-    which lets the attack take long steps on the map while never losing the target class. Difference from
-    the authors' code, stated: the interpretation loss is taken on the last unrolled mask, not averaged.
+    Step length: fixed by default. With ``line_search=True`` each stage-2 step is the longest multiple
+    s ∈ [0, s_max] of the L2-normalised step (bisection, ``search_iters`` halvings) whose projected image
+    still gives c_t a logit margin of at least min(``margin``, the current margin) — the authors' bisection
+    under a logit margin. Measured on Fashion-MNIST (fmnist_resnet, 30 images, ε = 24/255, 100 + 250 steps):
+    L1 ratio to PGD 0.83 with the line search vs 0.68 with the fixed step, so it is off by default.
+    Difference from the authors' code, stated: ℓ_int is taken on the last unrolled mask, not averaged.
     """
 
     name = "adv2"
 
     def __init__(self, eps: float = 8 / 255, schedule: str = "paper", shorten: int = 4,
                  steps: tuple[int, int] | None = None, lam: float = 1.0, track: int = 2, unroll: int = 4,
-                 resolve_every: int = 50, kappa: float = 5.0, l2_lr: float = 2 / 255, line_search: bool = True,
+                 resolve_every: int = 50, kappa: float = 5.0, l2_lr: float = 2 / 255, line_search: bool = False,
                  s_max: float = 4.0, margin: float = 10.0, search_iters: int = 5, **kw) -> None:
         if schedule not in ("paper", "short"):
             raise AttackError(f"schedule must be 'paper' or 'short', not {schedule!r}")

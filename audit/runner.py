@@ -533,7 +533,10 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
             "warnings": dep.warnings,
             "attacks": {"pgd": PGD(dep.eps, steps=1000 // (t.shorten if t.schedule == "short" else 1)).describe(),
                         **{f"adv2-{nm}": make_adv2(nm, dep.eps, t.schedule, shorten=t.shorten).describe()
-                           for nm in t.interpreters}},
+                           for nm in t.interpreters},
+                        "adaptive": {"interpreters": _adaptive_names(t), "lam_scale": ADAPTIVE_LAM,
+                                     **adaptive(PGD(dep.eps, 1), next(iter(dets.values()))).adaptive_to[0]}
+                        if dets and "adaptive" in t.attacks else None},
             "detectors": {d: {"kind": det.kind, "decision": det.decision, "thresholds": det.thresholds,
                               "config": det.config(), "calibration": det.calibration} for d, det in dets.items()},
             "records": records,

@@ -186,7 +186,7 @@ def test_mask_line_search_keeps_the_target_margin(fmnist_resnet, fmnist_test):
     x, y = fmnist_test.tensors[0][:8], fmnist_test.tensors[1][:8]
     yt = target_classes(y, 10, torch.Generator().manual_seed(0))
     xa = PGD(24 / 255, steps=60)(CAM(fmnist_resnet), x, yt).x_adv
-    atk = MaskAdv2(24 / 255)
+    atk = MaskAdv2(24 / 255, line_search=True)
     step = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * (2 / 255) * 28  # RMS 2/255 per pixel
     vn = atk.line_search(Mask(fmnist_resnet), x, xa, step, yt, lam=1.0)
 
