@@ -41,6 +41,7 @@ PAPER = {
     "cam": (400, 1200, lambda n: ramp(5.0, 10.0, n), "nll", "mse", {}),
     "rts": (300, 1000, lambda n: ramp(5.0, 10.0, n), "nll", "mse", {}),
 }
+PAPER["rtsa"] = PAPER["rts"]  # RTS^A is attacked like RTS
 
 
 class Adv2(Attack):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.interpreters import CAM, REGISTRY, RTS, GradSaliency, InterpreterError, Mask, build_interpreter
+from guard.interpreters import CAM, REGISTRY, RTS, RTSA, GradSaliency, InterpreterError, Mask, build_interpreter
 from guard.models import ImageClassifier, load_model
 from tests.conftest import tiny_classifier
 
@@ -17,6 +17,7 @@ CHEAP = {
     "cam": lambda m: CAM(m),
     "mask": lambda m: Mask(m, steps=8, unroll=2, l1=0.0, tv=0.0),  # random nets: let p(t) drive the mask
     "rts": lambda m: RTS.untrained(m, width=8),
+    "rtsa": lambda m: RTSA.untrained(m, width=8),
 }
 
 

@@ -11,9 +11,9 @@ from guard.interpreters.base import (
 from guard.interpreters.cam import CAM
 from guard.interpreters.grad import GradSaliency, ReluSurrogate
 from guard.interpreters.mask import Mask, MaskConfig
-from guard.interpreters.rts import RTS, SaliencyNet
+from guard.interpreters.rts import RTS, RTSA, SaliencyNet
 
 __all__ = [
     "REGISTRY", "Explanation", "Interpreter", "InterpreterError", "build_interpreter", "minmax",
-    "CAM", "GradSaliency", "ReluSurrogate", "Mask", "MaskConfig", "RTS", "SaliencyNet",
+    "CAM", "GradSaliency", "ReluSurrogate", "Mask", "MaskConfig", "RTS", "RTSA", "SaliencyNet",
 ]

@@ -161,3 +161,17 @@ def load_saliency_net(path: str | Path, model_name: str | None = None) -> Salien
     except RuntimeError as exc:
         raise InterpreterError(f"RTS checkpoint {path} does not fit its architecture: {str(exc)[:300]}") from exc
     return net.eval()
+
+
+@register("rtsa")
+class RTSA(RTS):
+    """RTS^A: an RTS fine-tuned adversarially (training/rts_adv.py); bundled as ``rts_adv_<model>.pt``."""
+
+    @classmethod
+    def for_model(cls, model, checkpoint: str | Path | None = None) -> "RTSA":
+        path = Path(checkpoint) if checkpoint else CHECKPOINT_DIR / f"rts_adv_{model.name}.pt"
+        if not path.is_file():
+            raise InterpreterError(
+                f"no RTS^A for model {model.name!r} at {path}. Train one with "
+                f"`underfire train rts --adversarial --model {model.name} --out {path}`")
+        return super().for_model(model, path)
