@@ -16,7 +16,7 @@ For each target (a deployment and its data) the runner
 Spoofability of an interpreter (the headline; higher = worse for the deployment): the fraction of audited
 inputs on which ADV² reaches its target class on the 8-bit image while the interpreter's map stays within
 the benign noise level τ — L1(adversarial map, benign map) ≤ τ, with τ the 95th percentile of
-L1(map of x, map of x + uniform noise in [−ε, ε]) over the audited inputs. Under a defense, the adaptive
+L1(map of x, map of x + uniform noise in [−a, a]) over the audited inputs, a = min(ε, 8/255). Under a defense, the adaptive
 attack must also go undetected. The report carries these definitions.
 
 Under ``torchrun`` the batches are sharded by rank (batch i on rank i mod world); rank 0 merges the
@@ -66,7 +66,8 @@ class AuditError(ValueError):
 SPOOF_DEFINITION = (
     "spoofability(g) = fraction of audited inputs where ADV² against g reaches c_t (argmax on the 8-bit image) "
     "and L1(g(x_adv), g(x)) <= tau_g, tau_g = 95th percentile over the audited inputs of L1(g(x), g(x + u)), "
-    "u ~ U[-eps, eps] quantised to 8 bits; under a defense the adaptive ADV² must also not be detected. "
+    "u ~ U[-a, a] quantised to 8 bits, a = min(eps, noise) with noise = 8/255 by default (noise a viewer does "
+    "not notice); under a defense the adaptive ADV² must also not be detected. "
     "Headline = max over targets and interpreters of the undefended spoofability.")
 
 
@@ -87,6 +88,7 @@ class Target:
     schedule: str = "short"
     shorten: int = 8
     calibration_n: int = 256
+    noise: float = 8.0  # in 1/255: amplitude of the uniform noise that sets the benign noise level τ
 
     def key(self) -> str:
         return f"{self.model}@{Path(self.data).name if os.sep in self.data else self.data}"
@@ -281,7 +283,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     keep = max(0, min(keep - sl.start, len(x)))  # samples of this batch shown in the report
     out: dict = {"index": list(range(sl.start, sl.stop)), "interpreters": {}}
     gen = torch.Generator().manual_seed(seed + sl.start)
-    noise = (torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * dep.eps
+    noise = (torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * min(dep.eps, t.noise / 255)
     x_noise = (torch.round((x + noise).clamp(0, 1) * 255) / 255)
     bms = {}
     for name, it in dep.interpreters.items():
