@@ -362,7 +362,7 @@ def audit_cmd(config, out, resume, overwrite, as_json, fail_above, **flags) -> N
 
 
 @main.command("reproduce")
-@click.argument("experiment", type=click.Choice(["table3", "table4", "table9"]))
+@click.argument("experiment", type=click.Choice(["table3", "table4", "table6_8", "table9", "rtsa"]))
 @_audit_options
 @friendly
 def reproduce_cmd(experiment, config, out, resume, overwrite, as_json, fail_above, **flags) -> None:

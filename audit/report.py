@@ -75,7 +75,8 @@ import numpy as np  # noqa: E402
 
 SCHEMA_VERSION = 1
 ATTACK_LABELS = {"pgd": "PGD", "adv2": "ADV²", "adaptive-squeeze": "ADV²* vs squeezing",
-                 "adaptive-ensemble": "ADV²* vs ensemble", "stadv2": "stAdv-ADV²"}
+                 "adaptive-ensemble": "ADV²* vs ensemble", "stadv2": "stAdv-ADV²",
+                 "adv2-shapes": "ADV² → shape map†", "adv2-other": "ADV² → other-class map†"}
 
 
 class ReportError(ValueError):
@@ -162,16 +163,17 @@ def summary_text(report: dict) -> str:
         lines.append(f"\n{key} (n = {tg['n']}, ε = {tg['eps_255']:g}/255)")
         for w in tg["warnings"]:
             lines.append(f"  ! {w}")
-        lines.append(f"  {'interpreter':<12}{'attack':<20}{'ASR':>6}{'L1':>8}{'IoU':>7}  detected (decision)")
+        lines.append(f"  {'interpreter':<12}{'attack':<24}{'ASR':>6}{'L1':>8}{'IoU':>7}  detected (decision)")
         for r in summary_rows({"targets": {key: tg}}):
             dets = ", ".join(f"{d} {_fmt(r['detection'].get(d + ':' + v['decision']), True)}"
                              for d, v in tg["detectors"].items())
-            lines.append(f"  {r['interpreter']:<12}{ATTACK_LABELS.get(r['attack'], r['attack']):<20}"
+            lines.append(f"  {r['interpreter']:<12}{ATTACK_LABELS.get(r['attack'], r['attack']):<24}"
                          f"{_fmt(r['asr'], True):>6}{_fmt(r['l1']):>8}{_fmt(r['iou']):>7}  {dets}")
         for name, a in tg["summary"]["interpreters"].items():
             extra = "".join(f", under {k.split('_', 1)[1]} {v:.0%}" for k, v in a.items() if k.startswith("spoofability_"))
             if "spoofability" in a:
-                lines.append(f"  spoofability {name}: {a['spoofability']:.0%} (τ = {a['tau']:.3f}){extra}")
+                ref = f", PGD within τ {a['pgd_within_tau']:.0%}" if "pgd_within_tau" in a else ""
+                lines.append(f"  spoofability {name}: {a['spoofability']:.0%} (τ = {a['tau']:.3f}{ref}){extra}")
     return "\n".join(lines)
 
 
@@ -273,7 +275,17 @@ def _table(tg: dict) -> str:
                     f"</td><td>{_fmt(r['asr'], True)}</td><td>{_fmt(r['mc'])}</td><td>{_fmt(r['l1'])} "
                     f"<small>[{_fmt(ci[0]) if ci else '–'}, {_fmt(ci[1]) if ci else '–'}]</small></td>"
                     f"<td>{_fmt(r['iou'])}</td>{det}</tr>")
-    return f"<table>{head}{''.join(body)}</table>"
+    note = ""
+    if any("benign_l1_to_target" in r for a in tg["summary"]["interpreters"].values() for r in a.values()
+           if isinstance(r, dict)):
+        rows = "".join(f"<tr><td class=l>{n.upper()}</td><td class=l>{ATTACK_LABELS[k]}</td>"
+                       f"<td>{_fmt(r['l1']['mean'])}</td><td>{_fmt(r['benign_l1_to_target']['mean'])}</td></tr>"
+                       for n, a in tg["summary"]["interpreters"].items() for k, r in a.items()
+                       if isinstance(r, dict) and "benign_l1_to_target" in r)
+        note = ("<p><small>† rows marked † measure L1 and IoU to the attack's own target map, not to the benign "
+                "map.</small></p><table><tr><th>interpreter</th><th>target</th><th>L1(adversarial map, target)"
+                f"</th><th>L1(benign map, target)</th></tr>{rows}</table>")
+    return f"<table>{head}{''.join(body)}</table>{note}"
 
 
 def _detector_html(tg: dict) -> str:
@@ -316,10 +328,11 @@ def render_html(report: dict) -> str:
         for w in tg["warnings"]:
             parts.append(f"<p class='warn'>{html.escape(w)}</p>")
         sp = "".join(f"<tr><td class=l>{n.upper()}</td><td>{_fmt(a.get('spoofability'), True)}</td><td>{_fmt(a['tau'])}</td>"
+                     f"<td>{_fmt(a.get('pgd_within_tau'), True)}</td>"
                      + "".join(f"<td>{_fmt(a.get('spoofability_' + d), True)}</td>" for d in t["defenses"]) + "</tr>"
                      for n, a in tg["summary"]["interpreters"].items())
         parts.append("<h3>Spoofability</h3><table><tr><th>interpreter</th><th>undefended (ADV²)</th>"
-                     "<th>noise level τ</th>" + "".join(f"<th>under {d} (adaptive ADV²)</th>" for d in t["defenses"])
+                     "<th>noise level τ</th><th>PGD within τ (reference)</th>" + "".join(f"<th>under {d} (adaptive ADV²)</th>" for d in t["defenses"])
                      + f"</tr>{sp}</table>")
         parts.append("<h3>Benign vs adversarial maps</h3>" + _examples_html(tg))
         parts.append("<h3>Attacks</h3>" + _table(tg))

@@ -16,7 +16,7 @@ For each target (a deployment and its data) the runner
 Spoofability of an interpreter (the headline; higher = worse for the deployment): the fraction of audited
 inputs on which ADV² reaches its target class on the 8-bit image while the interpreter's map stays within
 the benign noise level τ — L1(adversarial map, benign map) ≤ τ, with τ the 95th percentile of
-L1(map of x, map of x + uniform noise in [−a, a]) over the audited inputs, a = min(ε, 8/255). Under a defense, the adaptive
+L1(map of x, map of x + uniform noise in [−a, a]) over the audited inputs, a = ε/2 by default. Under a defense, the adaptive
 attack must also go undetected. The report carries these definitions.
 
 Under ``torchrun`` the batches are sharded by rank (batch i on rank i mod world); rank 0 merges the
@@ -40,7 +40,7 @@ import torch
 from attacks.adaptive import adaptive
 from attacks.adv2 import PGD, make_adv2
 from attacks.stadv import StAdv2
-from attacks.targets import benign_maps, target_classes
+from attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
 from audit.metrics import K_GRID, confidence, iou_curve, l1
 from guard.ensemble import DisagreementDetector, InterpreterEnsemble
 from guard.interpreters import build_interpreter
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 ATTACKS = ("pgd", "adv2", "stadv2", "adaptive")
 DEFENSES = ("squeeze", "ensemble")
+TARGET_MAPS = ("benign", "shapes", "other")
 Progress = Callable[[str], None]
 # The adaptive attacks' hinge pulls against the map term; λ ×3 restores most of the map fidelity
 # (Fashion-MNIST ResNet, CAM, 30 images: L1 to benign 0.154 → 0.130 at the same ASR 100%).
@@ -66,8 +67,9 @@ class AuditError(ValueError):
 SPOOF_DEFINITION = (
     "spoofability(g) = fraction of audited inputs where ADV² against g reaches c_t (argmax on the 8-bit image) "
     "and L1(g(x_adv), g(x)) <= tau_g, tau_g = 95th percentile over the audited inputs of L1(g(x), g(x + u)), "
-    "u ~ U[-a, a] quantised to 8 bits, a = min(eps, noise) with noise = 8/255 by default (noise a viewer does "
-    "not notice); under a defense the adaptive ADV² must also not be detected. "
+    "u ~ U[-a, a] quantised to 8 bits, a = eps/2 unless set (random noise of half the attack's budget); under a "
+    "defense the adaptive ADV² must also not be detected. pgd_within_tau (PGD's maps within the same tau) is "
+    "the reference: a tau that lets PGD count as spoofing is too lenient for this data. "
     "Headline = max over targets and interpreters of the undefended spoofability.")
 
 
@@ -88,7 +90,8 @@ class Target:
     schedule: str = "short"
     shorten: int = 8
     calibration_n: int = 256
-    noise: float = 8.0  # in 1/255: amplitude of the uniform noise that sets the benign noise level τ
+    noise: float | None = None  # in 1/255: uniform-noise amplitude that sets the noise level τ; None: ε/2
+    target_maps: list[str] = field(default_factory=lambda: ["benign"])  # + "shapes", "other" (Tables 6, 8)
 
     def key(self) -> str:
         return f"{self.model}@{Path(self.data).name if os.sep in self.data else self.data}"
@@ -143,6 +146,10 @@ class AuditConfig:
             for group in (t.ensemble_members or [], t.adaptive_interpreters or []):
                 if unknown := set(group) - set(t.interpreters):
                     raise AuditError(f"target {t.key()}: {sorted(unknown)} are not among its interpreters")
+            if unknown := set(t.target_maps) - set(TARGET_MAPS):
+                raise AuditError(f"unknown target maps {sorted(unknown)}; known: {', '.join(TARGET_MAPS)}")
+            if "other" in t.target_maps and t.data == "photos":
+                raise AuditError("'other' target maps need labelled data (fashion-mnist or an ImageFolder)")
             if t.schedule not in ("paper", "short"):
                 raise AuditError(f"schedule must be 'paper' or 'short', not {t.schedule!r}")
 
@@ -161,6 +168,7 @@ class Deployment:
     x_cal: torch.Tensor | None  # benign calibration set for the detectors
     x_heldout: torch.Tensor | None
     warnings: list[str]
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None  # labelled images not audited ("other" target maps)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -242,8 +250,11 @@ def build_deployment(t: Target, seed: int, device: torch.device) -> Deployment:
     if len(x) < t.n:
         warnings.append(f"only {len(x)} correctly classified inputs available (asked for {t.n})")
     eps = (t.eps if t.eps is not None else (24 if model.input_size[1] == 28 else 8)) / 255
+    pool = None
+    if pool_y is not None and len(pool_x) > int(ok[-1]) + 1:
+        pool = (pool_x[int(ok[-1]) + 1:], pool_y[int(ok[-1]) + 1:].to(device))
     return Deployment(model, interps, eps, x, y, y_t, None if x_cal is None else x_cal.to(device),
-                      None if x_held is None else x_held.to(device), warnings)
+                      None if x_held is None else x_held.to(device), warnings, pool)
 
 
 def build_detectors(t: Target, dep: Deployment, fpr: float, progress: Progress) -> dict:
@@ -283,7 +294,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     keep = max(0, min(keep - sl.start, len(x)))  # samples of this batch shown in the report
     out: dict = {"index": list(range(sl.start, sl.stop)), "interpreters": {}}
     gen = torch.Generator().manual_seed(seed + sl.start)
-    noise = (torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * min(dep.eps, t.noise / 255)
+    noise = (torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * (dep.eps / 2 if t.noise is None else t.noise / 255)
     x_noise = (torch.round((x + noise).clamp(0, 1) * 255) / 255)
     bms = {}
     for name, it in dep.interpreters.items():
@@ -302,6 +313,16 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
             r = make_adv2(name, dep.eps, t.schedule, shorten=t.shorten)(it, x, y_t, bms[name])
             adv_x[name] = r.x_adv
             out["interpreters"][name]["adv2"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
+        if "adv2" in t.attacks:
+            for kind in t.target_maps:
+                if kind == "benign":
+                    continue
+                progress(f"ADV²-{name.upper()} → {kind} target maps")
+                map_t = _target_maps(kind, it, dep, x, y_t, seed + sl.start)
+                r = make_adv2(name, dep.eps, t.schedule, shorten=t.shorten)(it, x, y_t, map_t)
+                rec = _record(it, r.x_adv, y_t, map_t, dets, keep)  # its l1 / IoU are to the target map
+                rec["benign_l1_to_target"] = l1(bms[name], map_t).tolist()
+                out["interpreters"][name][f"adv2-{kind}"] = rec
         if "adaptive" in t.attacks and name in _adaptive_names(t):
             for d in t.defenses:
                 if d == "squeeze":
@@ -329,6 +350,16 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     out["transfer"] = {a: {b: l1(benign_maps(dep.interpreters[b], xa), bms[b]).tolist() for b in dep.interpreters}
                        for a, xa in adv_x.items()}
     return out
+
+
+def _target_maps(kind: str, it, dep: Deployment, x: torch.Tensor, y_t: torch.Tensor, seed: int) -> torch.Tensor:
+    """Random shapes, or the benign map of another (not audited) image of class c_t (Tables 6 and 8)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "shapes":
+        return random_shapes(len(x), it.native_size(tuple(x.shape[-2:])), gen).to(x)
+    if dep.pool is None:
+        raise AuditError("'other' target maps need labelled images beyond the audited ones")
+    return other_class_maps(it, y_t, dep.pool[0], dep.pool[1], gen).to(x)
 
 
 def _ensemble_names(t: Target) -> list[str]:
@@ -389,9 +420,13 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int) -> dict:
                                  for k in range(len(K_GRID))],
                    "detection": {d: {k: (sum(v[i] for i in succ) / len(succ) if succ else None)
                                      for k, v in flags.items()} for d, flags in rec["detected"].items()}}
+            if "benign_l1_to_target" in rec:  # other target maps: how far the benign map is from the target
+                row["benign_l1_to_target"] = _ci(rec["benign_l1_to_target"], n_boot, seed)
             close = [bool(s) and d <= tau for s, d in zip(ok, rec["l1"])]
             if atk == "adv2":
                 a_int["spoofability"] = sum(close) / len(ok)
+            elif atk == "pgd":
+                a_int["pgd_within_tau"] = sum(close) / len(ok)
             elif atk.startswith("adaptive-"):
                 d = atk.split("-", 1)[1]
                 undetected = [not f for f in rec["detected"][d][decisions[d]]]

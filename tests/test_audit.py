@@ -32,6 +32,7 @@ defenses = ["squeeze"]
 shorten = 100
 calibration_n = 32
 adaptive_interpreters = ["cam"]
+target_maps = ["benign", "shapes"]
 """
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -69,7 +70,9 @@ def test_report_json_schema_and_summary(full_run):
     assert rep["environment"]["torch"] and rep["environment"]["device"]
     t = rep["targets"]["fmnist_resnet@fashion-mnist"]
     assert t["n"] == 4 and len(t["records"]["interpreters"]["cam"]["adv2"]["l1"]) == 4
-    assert set(t["summary"]["interpreters"]["cam"]) >= {"pgd", "adv2", "adaptive-squeeze", "spoofability", "tau"}
+    assert set(t["summary"]["interpreters"]["cam"]) >= {"pgd", "adv2", "adaptive-squeeze", "spoofability", "tau",
+                                                        "adv2-shapes", "pgd_within_tau"}
+    assert "benign_l1_to_target" in t["summary"]["interpreters"]["rts"]["adv2-shapes"]
     assert 0 <= summary["headline"]["spoofability"] <= 1
     assert summary["headline"] == rep["headline"]
     assert "squeeze" in t["detectors"] and t["detectors"]["squeeze"]["calibration"]["n"] == 32
