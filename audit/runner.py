@@ -85,6 +85,7 @@ class Target:
     eps: float | None = None  # in 1/255; None: 24 for 28×28 inputs, 8 otherwise
     attacks: list[str] = field(default_factory=lambda: ["pgd", "adv2", "adaptive"])
     defenses: list[str] = field(default_factory=lambda: ["squeeze", "ensemble"])
+    adv2_interpreters: list[str] | None = None  # interpreters ADV² attacks; None: all (the others only read)
     adaptive_interpreters: list[str] | None = None  # None: every differentiable-at-low-cost one (not mask)
     ensemble_members: list[str] | None = None  # the disagreement detector's members; None: all but mask
     schedule: str = "short"
@@ -143,7 +144,7 @@ class AuditConfig:
             if "ensemble" in t.defenses and len(_ensemble_names(t)) < 2:
                 raise AuditError(f"target {t.key()}: the ensemble defense needs at least two interpreters "
                                  f"(MASK counts only when named in ensemble_members)")
-            for group in (t.ensemble_members or [], t.adaptive_interpreters or []):
+            for group in (t.ensemble_members or [], t.adaptive_interpreters or [], t.adv2_interpreters or []):
                 if unknown := set(group) - set(t.interpreters):
                     raise AuditError(f"target {t.key()}: {sorted(unknown)} are not among its interpreters")
             if unknown := set(t.target_maps) - set(TARGET_MAPS):
@@ -308,12 +309,12 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
         for name, it in dep.interpreters.items():
             out["interpreters"][name]["pgd"] = _record(it, xp, y_t, bms[name], dets, keep)
     for name, it in dep.interpreters.items():
-        if "adv2" in t.attacks:
+        if "adv2" in t.attacks and name in _adv2_names(t):
             progress(f"ADV²-{name.upper()}")
             r = make_adv2(name, dep.eps, t.schedule, shorten=t.shorten)(it, x, y_t, bms[name])
             adv_x[name] = r.x_adv
             out["interpreters"][name]["adv2"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
-        if "adv2" in t.attacks:
+        if "adv2" in t.attacks and name in _adv2_names(t):
             for kind in t.target_maps:
                 if kind == "benign":
                     continue
@@ -360,6 +361,10 @@ def _target_maps(kind: str, it, dep: Deployment, x: torch.Tensor, y_t: torch.Ten
     if dep.pool is None:
         raise AuditError("'other' target maps need labelled images beyond the audited ones")
     return other_class_maps(it, y_t, dep.pool[0], dep.pool[1], gen).to(x)
+
+
+def _adv2_names(t: Target) -> list[str]:
+    return list(t.interpreters) if t.adv2_interpreters is None else list(t.adv2_interpreters)
 
 
 def _ensemble_names(t: Target) -> list[str]:
@@ -570,7 +575,7 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
             "warnings": dep.warnings,
             "attacks": {"pgd": PGD(dep.eps, steps=1000 // (t.shorten if t.schedule == "short" else 1)).describe(),
                         **{f"adv2-{nm}": make_adv2(nm, dep.eps, t.schedule, shorten=t.shorten).describe()
-                           for nm in t.interpreters},
+                           for nm in _adv2_names(t)},
                         "adaptive": {"interpreters": _adaptive_names(t), "lam_scale": ADAPTIVE_LAM,
                                      **adaptive(PGD(dep.eps, 1), next(iter(dets.values()))).adaptive_to[0]}
                         if dets and "adaptive" in t.attacks else None},
