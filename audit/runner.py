@@ -332,8 +332,8 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
                     r = a(it, x, y_t, bms[name])
                     out["interpreters"][name]["adaptive-squeeze"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
     if "adaptive" in t.attacks and "ensemble" in t.defenses:
-        members = [dep.interpreters[n] for n in _adaptive_names(t)]
-        if len(members) >= 1:
+        members = [dep.interpreters[n] for n in _ensemble_names(t)]  # the loss covers every member at once
+        if len(members) >= 2:
             ens = InterpreterEnsemble(members)
             progress(f"adaptive ADV² vs the ensemble ({ens.name})")
             # the interpretation loss covers every member at once through the ensemble's mean map
