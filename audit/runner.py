@@ -295,7 +295,8 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     keep = max(0, min(keep - sl.start, len(x)))  # samples of this batch shown in the report
     out: dict = {"index": list(range(sl.start, sl.stop)), "interpreters": {}}
     gen = torch.Generator().manual_seed(seed + sl.start)
-    noise = (torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * (dep.eps / 2 if t.noise is None else t.noise / 255)
+    amplitude = dep.eps / 2 if t.noise is None else t.noise / 255
+    noise = (torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * amplitude
     x_noise = (torch.round((x + noise).clamp(0, 1) * 255) / 255)
     bms = {}
     for name, it in dep.interpreters.items():
@@ -305,38 +306,36 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     if "pgd" in t.attacks:
         progress("PGD")
         first = next(iter(dep.interpreters.values()))
-        xp = PGD(dep.eps, steps=1000 // (t.shorten if t.schedule == "short" else 1))(first, x, y_t).x_adv
+        xp = _pgd(t, dep.eps)(first, x, y_t).x_adv
         for name, it in dep.interpreters.items():
             out["interpreters"][name]["pgd"] = _record(it, xp, y_t, bms[name], dets, keep)
     for name, it in dep.interpreters.items():
         if "adv2" in t.attacks and name in _adv2_names(t):
-            progress(f"ADV²-{name.upper()}")
-            r = make_adv2(name, dep.eps, t.schedule, shorten=t.shorten)(it, x, y_t, bms[name])
-            adv_x[name] = r.x_adv
-            out["interpreters"][name]["adv2"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
-        if "adv2" in t.attacks and name in _adv2_names(t):
             for kind in t.target_maps:
-                if kind == "benign":
-                    continue
-                progress(f"ADV²-{name.upper()} → {kind} target maps")
-                map_t = _target_maps(kind, it, dep, x, y_t, seed + sl.start)
+                progress(f"ADV²-{name.upper()}" + ("" if kind == "benign" else f" → {kind} target maps"))
+                map_t = bms[name] if kind == "benign" else _target_maps(kind, it, dep, x, y_t, seed + sl.start)
                 r = make_adv2(name, dep.eps, t.schedule, shorten=t.shorten)(it, x, y_t, map_t)
-                rec = _record(it, r.x_adv, y_t, map_t, dets, keep)  # its l1 / IoU are to the target map
-                rec["benign_l1_to_target"] = l1(bms[name], map_t).tolist()
-                out["interpreters"][name][f"adv2-{kind}"] = rec
+                rec = _record(it, r.x_adv, y_t, map_t, dets, keep)  # L1 / IoU to the attack's target map
+                if kind == "benign":
+                    adv_x[name] = r.x_adv
+                    out["interpreters"][name]["adv2"] = rec
+                else:
+                    rec["benign_l1_to_target"] = l1(bms[name], map_t).tolist()
+                    out["interpreters"][name][f"adv2-{kind}"] = rec
         if "adaptive" in t.attacks and name in _adaptive_names(t):
             for d in t.defenses:
                 if d == "squeeze":
                     progress(f"adaptive ADV²-{name.upper()} vs squeezing")
-                    a = adaptive(make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, lam_scale=ADAPTIVE_LAM), dets[d])
+                    a = adaptive(make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, lam_scale=ADAPTIVE_LAM),
+                                 dets[d])
                     r = a(it, x, y_t, bms[name])
-                    out["interpreters"][name]["adaptive-squeeze"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
+                    out["interpreters"][name]["adaptive-squeeze"] = _record(it, r.x_adv, y_t, bms[name], dets,
+                                                                            keep)
     if "adaptive" in t.attacks and "ensemble" in t.defenses:
         members = [dep.interpreters[n] for n in _ensemble_names(t)]  # the loss covers every member at once
         if len(members) >= 2:
             ens = InterpreterEnsemble(members)
             progress(f"adaptive ADV² vs the ensemble ({ens.name})")
-            # the interpretation loss covers every member at once through the ensemble's mean map
             a = adaptive(make_adv2("ensemble", dep.eps, t.schedule, shorten=t.shorten, lam_scale=ADAPTIVE_LAM),
                          dets["ensemble"])
             xe = a(ens, x, y_t, benign_maps(ens, x)).x_adv
@@ -361,6 +360,10 @@ def _target_maps(kind: str, it, dep: Deployment, x: torch.Tensor, y_t: torch.Ten
     if dep.pool is None:
         raise AuditError("'other' target maps need labelled images beyond the audited ones")
     return other_class_maps(it, y_t, dep.pool[0], dep.pool[1], gen).to(x)
+
+
+def _pgd(t: Target, eps: float) -> PGD:
+    return PGD(eps, steps=1000 // (t.shorten if t.schedule == "short" else 1))
 
 
 def _adv2_names(t: Target) -> list[str]:
@@ -573,7 +576,7 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
         report["targets"][key] = {
             "target": asdict(t), "model": dep.model.name, "eps_255": round(dep.eps * 255, 3), "n": n,
             "warnings": dep.warnings,
-            "attacks": {"pgd": PGD(dep.eps, steps=1000 // (t.shorten if t.schedule == "short" else 1)).describe(),
+            "attacks": {"pgd": _pgd(t, dep.eps).describe(),
                         **{f"adv2-{nm}": make_adv2(nm, dep.eps, t.schedule, shorten=t.shorten).describe()
                            for nm in _adv2_names(t)},
                         "adaptive": {"interpreters": _adaptive_names(t), "lam_scale": ADAPTIVE_LAM,
