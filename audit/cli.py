@@ -267,7 +267,8 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
     return cfg
 
 
-def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_above: float | None) -> None:
+def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_above: float | None,
+             name_given: bool = True) -> None:
     import json
 
     from audit.report import summary_rows, summary_text, write_report
@@ -275,6 +276,10 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
 
     run_dir = out / cfg.name
     rank = int(os.environ.get("RANK", 0))
+    if not (name_given or resume or overwrite) and "RANK" not in os.environ and (run_dir / "report.json").is_file():
+        cfg.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # keep the finished run, start a new one
+        click.echo(f"{run_dir} holds a finished report; this run goes to {out / cfg.name}", err=True)
+        run_dir = out / cfg.name
     resolved = cfg.to_dict()
     if rank == 0:
         prepare_run_dir(run_dir, resume, overwrite)
@@ -358,7 +363,7 @@ def audit_cmd(config, out, resume, overwrite, as_json, fail_above, **flags) -> N
     Under ``torchrun --nproc_per_node=N`` the inputs are sharded across processes.
     """
     cfg = resolve_config(config, None, flags)
-    _execute(cfg, out, resume, overwrite, as_json, fail_above)
+    _execute(cfg, out, resume, overwrite, as_json, fail_above, name_given=flags.get("name") is not None)
 
 
 @main.command("reproduce")
@@ -369,10 +374,11 @@ def reproduce_cmd(experiment, config, out, resume, overwrite, as_json, fail_abov
     """Run one of the paper's experiments as a preset audit and print the paper's numbers beside ours."""
     from audit.presets import PAPER
 
+    name_given = flags.get("name") is not None
     flags["name"] = flags.get("name") or experiment
     cfg = resolve_config(config, experiment, flags)
     click.echo(f"paper: {PAPER[experiment]}", err=True)
-    _execute(cfg, out, resume, overwrite, as_json, fail_above)
+    _execute(cfg, out, resume, overwrite, as_json, fail_above, name_given=name_given)
     click.echo(f"\npaper ({experiment}): {PAPER[experiment]}")
 
 
