@@ -163,3 +163,14 @@ def test_config_validation():
         AuditConfig.from_dict({"targets": [{"attacks": ["fgsm"]}]}).validate()
     with pytest.raises(AuditError, match="two interpreters"):
         AuditConfig.from_dict({"targets": [{"interpreters": ["cam"], "defenses": ["ensemble"]}]}).validate()
+
+
+def test_rerun_keeps_a_finished_report(full_run, work):
+    run_a, _ = full_run
+    before = (run_a / "report.json").read_text()
+    r = cli("audit", "--config", "tiny.toml", "--out", "runs", cwd=work)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "holds a finished report" in r.stderr
+    assert (run_a / "report.json").read_text() == before  # nothing already written is lost
+    dated = [p for p in (work / "runs").iterdir() if p.name.startswith("tiny-")]
+    assert len(dated) == 1 and records(dated[0]) == records(run_a)
