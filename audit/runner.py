@@ -192,7 +192,12 @@ def _load_data(t: Target, model) -> tuple[torch.Tensor, torch.Tensor | None, tor
         x, _ = photos(size=h)
         if c != 3:
             raise AuditError(f"the bundled photos are colour; model {model.name} takes {c} channels")
-        return x, None, None, None
+        if len(x) <= t.n:
+            return x, None, None, None
+        # benign data for the detectors: crops and flips of the photos that are not audited (the first n
+        # are); held-out = other crops of the same photos, so its FPR is an optimistic estimate
+        rest = x[t.n:]
+        return x, None, _augment(rest, t.calibration_n, 1), _augment(rest, t.calibration_n, 2)
     root = Path(t.data)
     if not root.is_dir():
         raise AuditError(f"data {t.data!r} is neither fashion-mnist, photos nor an ImageFolder directory")
@@ -204,6 +209,27 @@ def _load_data(t: Target, model) -> tuple[torch.Tensor, torch.Tensor | None, tor
     rest = x[2 * t.n:]
     half = len(rest) // 2
     return x, y, (rest[:half] if half else None), (rest[half:] if half else None)
+
+
+def _augment(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` random resized crops (60–100% of the side) with random horizontal flips of images ``x``."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    h, w = x.shape[-2:]
+    out = []
+    for i in range(count):
+        img = x[int(torch.randint(len(x), (1,), generator=gen))]
+        side = 0.6 + 0.4 * float(torch.rand((), generator=gen))
+        ch, cw = max(1, round(h * side)), max(1, round(w * side))
+        top = int(torch.randint(h - ch + 1, (1,), generator=gen))
+        left = int(torch.randint(w - cw + 1, (1,), generator=gen))
+        crop = F.interpolate(img[None, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
+                             align_corners=False)[0]
+        if float(torch.rand((), generator=gen)) < 0.5:
+            crop = crop.flip(-1)
+        out.append((crop.clamp(0, 1) * 255).round() / 255)
+    return torch.stack(out)
 
 
 def _preflight(model, interps: dict, x: torch.Tensor) -> list[str]:
