@@ -118,14 +118,17 @@ class RTS(Interpreter):
     def modules(self):
         return (self.model, self.net)
 
+    bundled = "rts_{}.pt"  # checkpoint file name in guard/checkpoints/, per model name
+    train_flags = ""  # what `underfire train rts` needs to train this kind
+
     @classmethod
     def for_model(cls, model, checkpoint: str | Path | None = None) -> "RTS":
         """Load the RTS trained for ``model`` (default: the bundled ``rts_<model.name>.pt``)."""
-        path = Path(checkpoint) if checkpoint else CHECKPOINT_DIR / f"rts_{model.name}.pt"
+        path = Path(checkpoint) if checkpoint else CHECKPOINT_DIR / cls.bundled.format(model.name)
         if not path.is_file():
             raise InterpreterError(
-                f"no trained RTS for model {model.name!r} at {path}. Train one with "
-                f"`underfire train rts --model {model.name} --out {path}`"
+                f"no trained {cls.name.upper()} for model {model.name!r} at {path}. Train one with "
+                f"`underfire train rts{cls.train_flags} --model {model.name} --out {path}`"
             )
         p = next(model.parameters())
         return cls(model, load_saliency_net(path, model.name).to(device=p.device, dtype=p.dtype))
@@ -167,11 +170,5 @@ def load_saliency_net(path: str | Path, model_name: str | None = None) -> Salien
 class RTSA(RTS):
     """RTS^A: an RTS fine-tuned adversarially (training/rts_adv.py); bundled as ``rts_adv_<model>.pt``."""
 
-    @classmethod
-    def for_model(cls, model, checkpoint: str | Path | None = None) -> "RTSA":
-        path = Path(checkpoint) if checkpoint else CHECKPOINT_DIR / f"rts_adv_{model.name}.pt"
-        if not path.is_file():
-            raise InterpreterError(
-                f"no RTS^A for model {model.name!r} at {path}. Train one with "
-                f"`underfire train rts --adversarial --model {model.name} --out {path}`")
-        return super().for_model(model, path)
+    bundled = "rts_adv_{}.pt"
+    train_flags = " --adversarial"
