@@ -300,8 +300,16 @@ def build_detectors(t: Target, dep: Deployment, fpr: float, progress: Progress) 
 # ------------------------------------------------------------------------------------------------------------
 # One batch: every attack, every metric, per sample
 # ------------------------------------------------------------------------------------------------------------
-def _record(it, x_adv: torch.Tensor, y_t: torch.Tensor, bm: torch.Tensor, dets: dict, keep: int) -> dict:
-    """Per-sample metrics of one attack read by one interpreter; pictures of the first ``keep`` samples."""
+def _detect(dets: dict, x_adv: torch.Tensor) -> dict:
+    """Every detector's per-score flags for a batch of adversarial images (they do not depend on the reader)."""
+    return {d: {k: v.tolist() for k, v in det.flags(x_adv).items()} for d, det in dets.items()}
+
+
+def _record(it, x_adv: torch.Tensor, y_t: torch.Tensor, bm: torch.Tensor, dets: dict, keep: int,
+            detected: dict | None = None) -> dict:
+    """Per-sample metrics of one attack read by one interpreter; pictures of the first ``keep`` samples.
+
+    ``detected``: the flags from :func:`_detect` when the same images are read by several interpreters."""
     from audit.report import png_b64
 
     with torch.no_grad():
@@ -309,7 +317,7 @@ def _record(it, x_adv: torch.Tensor, y_t: torch.Tensor, bm: torch.Tensor, dets: 
     rec = {"success": (e.logits.argmax(1) == y_t).tolist(), "confidence": confidence(e.logits).tolist(),
            "l1": l1(e.saliency, bm).tolist(), "iou_curve": iou_curve(e.saliency, bm).tolist(),
            "predicted": e.logits.argmax(1).tolist()}
-    rec["detected"] = {d: {k: v.tolist() for k, v in det.flags(x_adv).items()} for d, det in dets.items()}
+    rec["detected"] = detected if detected is not None else _detect(dets, x_adv)
     rec["images"] = [png_b64(im) for im in x_adv[:keep]]
     rec["maps"] = [png_b64(it.upsample(m[None], x_adv.shape[-2:])[0], cmap=True) for m in e.saliency[:keep]]
     return rec
@@ -333,8 +341,9 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
         progress("PGD")
         first = next(iter(dep.interpreters.values()))
         xp = _pgd(t, dep.eps)(first, x, y_t).x_adv
+        flags = _detect(dets, xp)
         for name, it in dep.interpreters.items():
-            out["interpreters"][name]["pgd"] = _record(it, xp, y_t, bms[name], dets, keep)
+            out["interpreters"][name]["pgd"] = _record(it, xp, y_t, bms[name], dets, keep, flags)
     for name, it in dep.interpreters.items():
         if "adv2" in t.attacks and name in _adv2_names(t):
             for kind in t.target_maps:
@@ -365,8 +374,9 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
             a = adaptive(make_adv2("ensemble", dep.eps, t.schedule, shorten=t.shorten, lam_scale=ADAPTIVE_LAM),
                          dets["ensemble"])
             xe = a(ens, x, y_t, benign_maps(ens, x)).x_adv
+            flags = _detect(dets, xe)
             for name, it in dep.interpreters.items():
-                out["interpreters"][name]["adaptive-ensemble"] = _record(it, xe, y_t, bms[name], dets, keep)
+                out["interpreters"][name]["adaptive-ensemble"] = _record(it, xe, y_t, bms[name], dets, keep, flags)
     if "stadv2" in t.attacks and "cam" in dep.interpreters:
         progress("stAdv-ADV²-CAM")
         it = dep.interpreters["cam"]
