@@ -114,7 +114,8 @@ class MaskAdv2(Attack):
     def __init__(self, eps: float = 8 / 255, schedule: str = "paper", shorten: int = 4,
                  steps: tuple[int, int] | None = None, lam: float = 1.0, track: int = 2, unroll: int = 4,
                  resolve_every: int = 50, kappa: float = 5.0, l2_lr: float = 2 / 255, line_search: bool = False,
-                 s_max: float = 4.0, margin: float = 10.0, search_iters: int = 5, **kw) -> None:
+                 s_max: float = 4.0, margin: float = 10.0, search_iters: int = 5, average_unrolled: bool = False,
+                 **kw) -> None:
         if schedule not in ("paper", "short"):
             raise AttackError(f"schedule must be 'paper' or 'short', not {schedule!r}")
         s1, s2 = steps if steps is not None else (400, 1000)
@@ -125,6 +126,7 @@ class MaskAdv2(Attack):
                          pred_loss=lambda z, t: cw_margin(z, t, kappa), int_loss="l2sq", **kw)
         self.track, self.unroll, self.interpreter, self.schedule_name = track, unroll, "mask", schedule
         self.search, self.s_max, self.margin, self.search_iters = line_search, s_max, margin, search_iters
+        self.average_unrolled = average_unrolled
         self._m = self._ea = self._eas = None
 
     def reset(self, interp, x0, y_t) -> None:
@@ -165,8 +167,13 @@ class MaskAdv2(Attack):
         if lam <= 0:
             return self.pred_loss(interp.model(x), y_t)
         m, st = self._solve(interp, x, y_t, idx, steps=self.track)
-        m_k, _ = interp.solve(x, y_t, steps=self.unroll, m0=m, state=st, create_graph=True)  # lookahead
-        return self.pred_loss(interp.model(x), y_t) + lam * self.int_loss(1 - m_k, map_t)
+        path: list[torch.Tensor] = []
+        m_k, _ = interp.solve(x, y_t, steps=self.unroll, m0=m, state=st, create_graph=True, path=path)  # lookahead
+        if self.average_unrolled:  # the authors' ℓ_int: the mean over the unrolled masks m_1 … m_k
+            l_int = torch.stack([self.int_loss(1 - m_i, map_t) for m_i in path]).mean(0)
+        else:
+            l_int = self.int_loss(1 - m_k, map_t)
+        return self.pred_loss(interp.model(x), y_t) + lam * l_int
 
     def judge(self, interp, xq, y_t, map_t, idx=None):
         """Re-solve the mask from scratch on the 8-bit image (and reset the tracked masks of ``idx``).

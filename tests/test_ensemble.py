@@ -7,7 +7,7 @@ import torch
 
 from attacks.adv2 import Adv2
 from guard.calibration import DetectorError
-from guard.ensemble import DisagreementDetector, InterpreterEnsemble, build_ensemble
+from guard.ensemble import DisagreementDetector, InterpreterEnsemble, build_ensemble, pearson
 from guard.interpreters import build_interpreter
 from guard.interpreters.base import InterpreterError
 from tests.conftest import tiny_classifier
@@ -65,3 +65,18 @@ def test_disagreement_detector_reaches_its_fpr_on_real_benign_data(fmnist_resnet
     assert again.thresholds == det.thresholds
     with pytest.raises(DetectorError, match="members"):
         DisagreementDetector.load(tmp_path / "ens.pt", members[:2])
+
+
+def test_correlation_score_ignores_scale_and_offset_and_has_a_gradient():
+    a = torch.rand(4, 1, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(pearson(a, 0.5 * a + 0.2), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(pearson(a, -a), -torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(pearson(a, torch.full_like(a, 0.3)), torch.zeros(4, dtype=torch.float64), atol=1e-6, rtol=0)
+    model = tiny_classifier()
+    det = DisagreementDetector([build_interpreter("grad", model), build_interpreter("cam", model)])
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, requires_grad=True)
+    s = det.scores(x, differentiable=True)
+    assert det.decision == "corr" and set(s) == {"corr", "l1", "iou"}
+    assert ((s["corr"] >= 0) & (s["corr"] <= 2)).all()
+    (g,) = torch.autograd.grad(s["corr"].sum(), x)
+    assert g.abs().sum() > 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attacks.adaptive import adaptive
-from attacks.adv2 import PGD
+from attacks.adv2 import PGD, make_adv2
 from attacks.threats import AttackError
 from guard.calibration import DetectorError, threshold_at_fpr
 from guard.squeeze import SqueezeDetector, bit_depth, make_squeezer, median, non_local_means
@@ -135,6 +135,12 @@ def test_adaptive_needs_calibration_and_records_itself(fmnist_resnet, fmnist_tes
     det.calibrate(fmnist_test.tensors[0][5000:5100], 0.05)
     atk = adaptive(PGD(24 / 255, steps=2), det)
     assert atk.describe()["adaptive_to"][0]["detector"] == "squeeze"
+    # the adaptive attacker succeeds by the deployment's rule (argmax), not GRAD-ADV²'s p(c_t) ≥ 0.8 ...
+    grad_adv2 = make_adv2("grad", 24 / 255, "short")
+    assert grad_adv2.min_confidence == 0.8
+    assert adaptive(grad_adv2, det).min_confidence == 0.0 and "p(c_t)" not in grad_adv2.definition()
+    # ... unless asked to keep the attack's own
+    assert adaptive(make_adv2("grad", 24 / 255, "short"), det, min_confidence=None).min_confidence == 0.8
     # the hinge is differentiable through the squeezers: a gradient reaches the input
     x = fmnist_test.tensors[0][:3].clone().requires_grad_(True)
     h = det.hinge(margin=0.0)(x)

@@ -113,11 +113,11 @@ class Mask(Interpreter):
         return p + self.cfg.l1 * (1 - m).abs().flatten(1).mean(1) + self.cfg.tv * tv_beta(m, self.cfg.tv_beta)
 
     def solve(self, x: torch.Tensor, t: torch.Tensor, steps: int | None = None, m0=None, state=None,
-              create_graph: bool = False, gen: torch.Generator | None = None):
+              create_graph: bool = False, gen: torch.Generator | None = None, path: list | None = None):
         """Run Adam on the keep-mask; returns (m, (exp_avg, exp_avg_sq, step)).
 
         With create_graph=True every step stays in the autograd graph (the attack's unrolled lookahead):
-        the result is differentiable w.r.t. x and m0.
+        the result is differentiable w.r.t. x and m0. ``path``, if given, receives every iterate m_1 … m_k.
         """
         steps = self.cfg.steps if steps is None else steps
         b = x.shape[0]
@@ -148,6 +148,8 @@ class Mask(Interpreter):
             m = (m - lr * (ea / (1 - b1 ** k)) / denom).clamp(0, 1)
             if not create_graph:
                 m, ea, eas = m.detach(), ea.detach(), eas.detach()
+            if path is not None:
+                path.append(m)
         return m, (ea, eas, k)
 
     def explain(self, x, target):
