@@ -94,19 +94,27 @@ class Adv2(Attack):
 class MaskAdv2(Attack):
     """ADV² against MASK: a bilevel attack (the paper's Algorithm 1), on the one loop.
 
-    Stage 1: targeted PGD on the CW margin. Stage 2, per step: (1) track the attacked image's mask with
+    Stage 1: targeted PGD on the CW margin. Stage 2, per step: (1) track the attacked image's mask m with
     ``track`` Adam steps of the MASK objective without a graph (warm-started from the last step's mask);
-    (2) unroll ``unroll`` more Adam steps with create_graph=True (the lookahead) and take
-    ℓ_int = Σ (1 − m_k − m_t)² on the unrolled mask; (3) an L2-normalised step on CW margin + λ·ℓ_int.
+    (2) an interpretation term ℓ_int, chosen by ``lookahead``; (3) an L2-normalised step on CW margin + λ·ℓ_int.
     Every ``resolve_every`` steps the mask is re-solved from scratch (the full MASK schedule) on the
     8-bit image, which is also when iterates are judged.
+
+    ``lookahead``:
+    - "contrast" (default): make the target keep-mask m_t = 1 − map_t the better answer to MASK's question
+      and the tracked mask m a worse one: ℓ_int = w · [p(c_t | delete where m_t = 0) + 1 − p(c_t | delete
+      where m = 0)], w = ``contrast_weight``. Two extra forward passes, no unrolling. Measured
+      (fmnist_resnet, first 30 correctly classified test images, ε = 24/255, 100 + 250 steps): L1 to benign
+      0.241 vs 0.253 with "unroll" (PGD 0.367), in 80 s vs 138 s;
+    - "unroll" (the paper's): unroll ``unroll`` more Adam steps with create_graph=True and take
+      ℓ_int = Σ (1 − m_k − m_t)² on the unrolled mask (``average_unrolled``: the mean over m_1 … m_k, as in
+      the authors' code; measured the same, 0.285 vs 0.282 on 10 images).
 
     Step length: fixed by default. With ``line_search=True`` each stage-2 step is the longest multiple
     s ∈ [0, s_max] of the L2-normalised step (bisection, ``search_iters`` halvings) whose projected image
     still gives c_t a logit margin of at least min(``margin``, the current margin) — the authors' bisection
     under a logit margin. Measured on Fashion-MNIST (fmnist_resnet, 30 images, ε = 24/255, 100 + 250 steps):
     L1 ratio to PGD 0.83 with the line search vs 0.68 with the fixed step, so it is off by default.
-    Difference from the authors' code, stated: ℓ_int is taken on the last unrolled mask, not averaged.
     """
 
     name = "adv2"
@@ -114,10 +122,12 @@ class MaskAdv2(Attack):
     def __init__(self, eps: float = 8 / 255, schedule: str = "paper", shorten: int = 4,
                  steps: tuple[int, int] | None = None, lam: float = 1.0, track: int = 2, unroll: int = 4,
                  resolve_every: int = 50, kappa: float = 5.0, l2_lr: float = 2 / 255, line_search: bool = False,
-                 s_max: float = 4.0, margin: float = 10.0, search_iters: int = 5, average_unrolled: bool = False,
-                 **kw) -> None:
+                 s_max: float = 4.0, margin: float = 10.0, search_iters: int = 5, lookahead: str = "contrast",
+                 contrast_weight: float = 10.0, average_unrolled: bool = False, **kw) -> None:
         if schedule not in ("paper", "short"):
             raise AttackError(f"schedule must be 'paper' or 'short', not {schedule!r}")
+        if lookahead not in ("contrast", "unroll"):
+            raise AttackError(f"MASK-ADV² lookahead must be 'contrast' or 'unroll', not {lookahead!r}")
         s1, s2 = steps if steps is not None else (400, 1000)
         if steps is None and schedule == "short":
             s1, s2 = max(1, s1 // shorten), max(1, s2 // shorten)
@@ -126,7 +136,7 @@ class MaskAdv2(Attack):
                          pred_loss=lambda z, t: cw_margin(z, t, kappa), int_loss="l2sq", **kw)
         self.track, self.unroll, self.interpreter, self.schedule_name = track, unroll, "mask", schedule
         self.search, self.s_max, self.margin, self.search_iters = line_search, s_max, margin, search_iters
-        self.average_unrolled = average_unrolled
+        self.lookahead, self.contrast_weight, self.average_unrolled = lookahead, contrast_weight, average_unrolled
         self._m = self._ea = self._eas = None
 
     def reset(self, interp, x0, y_t) -> None:
@@ -167,6 +177,11 @@ class MaskAdv2(Attack):
         if lam <= 0:
             return self.pred_loss(interp.model(x), y_t)
         m, st = self._solve(interp, x, y_t, idx, steps=self.track)
+        if self.lookahead == "contrast":
+            x_blur = interp.blurred(x)
+            kept = interp.survival(x, 1 - map_t, y_t, x_blur)  # c_t must die where the target map deletes ...
+            missed = interp.survival(x, m, y_t, x_blur)  # ... and survive the tracked mask's deletion
+            return self.pred_loss(interp.model(x), y_t) + lam * self.contrast_weight * (kept + 1 - missed)
         path: list[torch.Tensor] = []
         m_k, _ = interp.solve(x, y_t, steps=self.unroll, m0=m, state=st, create_graph=True, path=path)  # lookahead
         if self.average_unrolled:  # the authors' ℓ_int: the mean over the unrolled masks m_1 … m_k
@@ -195,7 +210,9 @@ class MaskAdv2(Attack):
 
     def describe(self) -> dict:
         return {**super().describe(), "interpreter": "mask", "schedule": self.schedule_name,
-                "track": self.track, "unroll": self.unroll,
+                "track": self.track, "lookahead": self.lookahead,
+                **({"contrast_weight": self.contrast_weight} if self.lookahead == "contrast" else
+                   {"unroll": self.unroll, "average_unrolled": self.average_unrolled}),
                 "line_search": {"s_max": self.s_max, "margin": self.margin} if self.search else None}
 
 

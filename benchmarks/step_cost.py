@@ -29,7 +29,7 @@ from guard.interpreters import build_interpreter  # noqa: E402
 from guard.models import load_model  # noqa: E402
 from training.data import fashion_mnist, photos  # noqa: E402
 
-TARGETS = {"pgd": None, "cam": 1.3, "rts": 2.5, "grad": 4.0, "mask": 12.0}
+TARGETS = {"pgd": None, "cam": 1.3, "rts": 2.5, "grad": 4.0, "mask": 12.0, "mask-unroll": 12.0}
 
 
 def sync(dev):
@@ -59,8 +59,8 @@ def floor(model, x, y, dev, reps):
 def attack_for(name, eps, k):
     if name == "pgd":
         return PGD(eps, steps=k, check_every=10 ** 6)
-    if name == "mask":
-        return MaskAdv2(eps, steps=(0, k), resolve_every=10 ** 6)
+    if name.startswith("mask"):  # "mask": the default contrast lookahead; "mask-unroll": the paper's
+        return MaskAdv2(eps, steps=(0, k), resolve_every=10 ** 6, lookahead="unroll" if name == "mask-unroll" else "contrast")
     return Adv2(name, eps, steps=(0, k), check_every=10 ** 6)
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="fmnist_resnet")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--interpreters", default="pgd,cam,rts,grad,mask")
+    ap.add_argument("--interpreters", default="pgd,cam,rts,grad,mask,mask-unroll")
     ap.add_argument("--batches", default="8,32,128", help="batch sizes for the throughput curve (CAM-ADV²)")
     ap.add_argument("--k", default="5,15", help="step counts k1,k2")
     ap.add_argument("--device", default="cpu")
@@ -104,7 +104,7 @@ def main() -> None:
            f"cpu {platform.machine()}, {torch.get_num_threads()} threads", "torch": str(torch.__version__),
            "date": time.strftime("%Y-%m-%d"), "floor_s": base, "rows": {}}
     for name in a.interpreters.split(","):
-        interp = build_interpreter("cam" if name == "pgd" else name, model)
+        interp = build_interpreter("cam" if name == "pgd" else name.split("-")[0], model)
         with torch.no_grad():
             target = interp(x).saliency
         if dev.type == "cuda":
@@ -128,7 +128,7 @@ def main() -> None:
     print("| attack | step (ms) | ratio to floor | target | peak memory (MiB) |")
     print("|---|---|---|---|---|")
     for name, r in out["rows"].items():
-        label = "PGD" if name == "pgd" else f"{name.upper()}-ADV²"
+        label = "PGD" if name == "pgd" else f"{name.split('-')[0].upper()}-ADV²" + (" (unrolled)" if "-" in name else "")
         tgt = f"≤ {r['target']}" if r["target"] else "–"
         print(f"| {label} | {r['step_s'] * 1e3:.1f} | {r['ratio']:.2f} | {tgt} | {r['peak_mem_mib']:.0f} |")
     print("\n| batch | CAM-ADV² images·steps/s |\n|---|---|")

@@ -167,10 +167,13 @@ def test_mask_adv2_and_stadv2_run_on_real_fmnist(fmnist_resnet, fmnist_test):
     yt = target_classes(y, 10, torch.Generator().manual_seed(0))
     interp = Mask(fmnist_resnet, steps=20)
     bm = benign_maps(interp, x)
-    r = make_adv2("mask", 24 / 255, steps=(10, 10), resolve_every=5)(interp, x, yt, bm)
-    assert r.x_adv.shape == x.shape and r.explanation.saliency.shape == (3, 1, 14, 14)
-    assert float((r.x_adv - x).abs().max()) <= 24 / 255 + 1e-6
-    assert len(r.history["step"]) == 4
+    for lookahead in ("contrast", "unroll"):
+        r = make_adv2("mask", 24 / 255, steps=(10, 10), resolve_every=5, lookahead=lookahead)(interp, x, yt, bm)
+        assert r.x_adv.shape == x.shape and r.explanation.saliency.shape == (3, 1, 14, 14)
+        assert float((r.x_adv - x).abs().max()) <= 24 / 255 + 1e-6
+        assert len(r.history["step"]) == 4
+    with pytest.raises(AttackError, match="lookahead"):
+        make_adv2("mask", 24 / 255, lookahead="guess")
     cam = CAM(fmnist_resnet)
     r2 = StAdv2(steps=(10, 10))(cam, x, yt, benign_maps(cam, x))
     torch.testing.assert_close(r2.x_adv * 255, (r2.x_adv * 255).round(), rtol=0, atol=1e-4)
@@ -201,3 +204,24 @@ def test_mask_line_search_keeps_the_target_margin(fmnist_resnet, fmnist_test):
     assert bool((kept | fallback).all())
     assert bool((moved <= atk.s_max + 1e-4).all()) and bool((moved > 0).all())
     assert torch.equal(atk.line_search(Mask(fmnist_resnet), x, xa, step, yt, lam=0.0), xa - step)  # stage 1: plain
+
+
+def test_mask_contrast_term_reads_the_deletion_game(fmnist_resnet, fmnist_test):
+    """survival(keep all) = p(t | x), survival(keep none) = p(t | blur(x)); the contrast term has a gradient."""
+    from attacks.adv2 import MaskAdv2
+    from guard.interpreters import Mask
+
+    x, y = fmnist_test.tensors[0][:4], fmnist_test.tensors[1][:4]
+    interp = Mask(fmnist_resnet, steps=5)
+    ones = torch.ones(4, 1, 14, 14)
+    with torch.no_grad():
+        p = fmnist_resnet(x).softmax(1).gather(1, y[:, None]).squeeze(1)
+        pb = fmnist_resnet(interp.blurred(x)).softmax(1).gather(1, y[:, None]).squeeze(1)
+        torch.testing.assert_close(interp.survival(x, ones, y), p, rtol=0, atol=1e-5)
+        torch.testing.assert_close(interp.survival(x, 0 * ones, y), pb, rtol=0, atol=1e-5)
+    atk = MaskAdv2(24 / 255, steps=(0, 2))
+    atk.reset(interp, x, y)
+    xi = x.clone().requires_grad_(True)
+    loss = atk.objective(interp, xi, y, benign_maps(interp, x), 1.0, torch.arange(4))
+    (g,) = torch.autograd.grad(loss.sum(), xi)
+    assert loss.shape == (4,) and torch.isfinite(g).all() and g.abs().sum() > 0

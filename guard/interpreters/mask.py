@@ -98,18 +98,26 @@ class Mask(Interpreter):
         return self.cfg.jitter if self.cfg.jitter is not None else max(1, round(4 * h / 224))
 
     # -- the deletion game ----------------------------------------------------------------------------
+    def blurred(self, x: torch.Tensor) -> torch.Tensor:
+        """The perturbation that removes evidence: blur(x), (B, C, H, W)."""
+        return gaussian_blur(x, self._sigma(x.shape[-2]))
+
     def blend(self, x: torch.Tensor, m: torch.Tensor, x_blur: torch.Tensor) -> torch.Tensor:
         """x ⊙ M + blur(x) ⊙ (1 − M) with M the upsampled, blurred keep-mask. m: (B, 1, s, s)."""
         up = F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, H, W)
         up = gaussian_blur(up, self._sigma(x.shape[-2]) / 2)
         return x * up + x_blur * (1 - up)
 
-    def objective(self, x, x_blur, m, t, shift=(0, 0)) -> torch.Tensor:
-        """Per-image mask loss (B,)."""
-        xt = self.blend(x, m, x_blur)
+    def survival(self, x, m, t, x_blur=None, shift=(0, 0)) -> torch.Tensor:
+        """p(t | x ⊙ M + blur(x) ⊙ (1 − M)) per image (B,): how much of class t survives deleting where m = 0."""
+        xt = self.blend(x, m, self.blurred(x) if x_blur is None else x_blur)
         if shift != (0, 0):
             xt = torch.roll(xt, shifts=shift, dims=(2, 3))
-        p = self.model(xt).softmax(1).gather(1, t[:, None]).squeeze(1)  # (B,)
+        return self.model(xt).softmax(1).gather(1, t[:, None]).squeeze(1)
+
+    def objective(self, x, x_blur, m, t, shift=(0, 0)) -> torch.Tensor:
+        """Per-image mask loss (B,)."""
+        p = self.survival(x, m, t, x_blur, shift)  # (B,)
         return p + self.cfg.l1 * (1 - m).abs().flatten(1).mean(1) + self.cfg.tv * tv_beta(m, self.cfg.tv_beta)
 
     def solve(self, x: torch.Tensor, t: torch.Tensor, steps: int | None = None, m0=None, state=None,
@@ -128,7 +136,7 @@ class Mask(Interpreter):
         ea, eas, k = state
         if create_graph and not m.requires_grad:
             m = m.detach().requires_grad_(True)
-        x_blur = gaussian_blur(x, self._sigma(x.shape[-2]))
+        x_blur = self.blurred(x)
         jit = self._jitter(x.shape[-2])
         b1, b2, eps, lr = 0.9, 0.999, 1e-8, self.cfg.lr
         for _ in range(steps):
