@@ -11,6 +11,10 @@ judged with the *real* interpreter (for GRAD: the true ReLU map) and without gra
 successful when argmax f = c_t (and p(c_t) ≥ ``min_confidence``); per sample the successful iterate with
 the smallest ℓ_int so far is kept (best-iterate tracking). With ``early_stop`` a sample leaves the batch
 once successful (for PGD). Samples are independent: losses are per sample and summed.
+
+``precision="bf16"`` / ``"fp16"`` runs the objective (forward and its graph) under torch.autocast on the
+inputs' device; the optimisation variable, the step and every judgement stay in float32, so success and
+best-iterate selection are decided exactly as at full precision.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # extra(x, v, idx) -> per-sample loss for the active samples (B_active,)
 Extra = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # objective's autocast dtype
 
 
 @dataclass
@@ -68,6 +74,7 @@ class Attack:
         min_confidence: success also needs p(c_t) ≥ this (0.8 for ADV²-GRAD).
         select: "best" (successful iterate with smallest ℓ_int) or "last".
         early_stop: drop a sample from the batch once it is successful (PGD).
+        precision: "fp32" (default), or "bf16" / "fp16" for the objective under autocast (GPU speed).
     """
 
     name = "attack"
@@ -75,9 +82,11 @@ class Attack:
 
     def __init__(self, threat, stages: Sequence[Stage], pred_loss="nll", int_loss="mse",
                  extra: Sequence[Extra] = (), check_every: int = 10, min_confidence: float = 0.0,
-                 select: str = "best", early_stop: bool = False, seed: int = 0) -> None:
+                 select: str = "best", early_stop: bool = False, seed: int = 0, precision: str = "fp32") -> None:
         if select not in ("best", "last"):
             raise AttackError(f"select must be 'best' or 'last', not {select!r}")
+        if precision not in PRECISIONS:
+            raise AttackError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         if not stages or any(s.steps < 0 for s in stages):
             raise AttackError("an attack needs at least one stage with a non-negative step count")
         self.threat, self.stages = threat, list(stages)
@@ -85,6 +94,7 @@ class Attack:
         self.int_loss = INT_LOSSES[int_loss] if isinstance(int_loss, str) else int_loss
         self.extra, self.check_every = list(extra), max(1, check_every)
         self.min_confidence, self.select, self.early_stop, self.seed = min_confidence, select, early_stop, seed
+        self.precision = precision
         self.evade: list[Callable[[torch.Tensor], torch.Tensor]] = []  # detectors to evade (attacks/adaptive.py)
         self.adaptive_to: list[dict] = []
         self.stage_index = 0  # the stage the loop is in (extra terms may depend on it)
@@ -106,6 +116,7 @@ class Attack:
             {"steps": s.steps, "rule": s.rule, "lr": s.lr, "lam0": s.schedule()(0),
              "lam_end": s.schedule()(max(s.steps - 1, 0))} for s in self.stages],
             "select": self.select, "min_confidence": self.min_confidence, "check_every": self.check_every,
+            "precision": self.precision,
             **({"adaptive_to": self.adaptive_to} if self.adaptive_to else {})}
 
     # -- checks --------------------------------------------------------------------------------------------
@@ -185,6 +196,7 @@ class Attack:
         adam_m, adam_v, adam_t = torch.zeros_like(v), torch.zeros_like(v), 0
         hist: dict[str, list] = {"step": [], "loss": [], "success": [], "map_distance": []}
         total_steps = sum(s.steps for s in self.stages)
+        amp = PRECISIONS[self.precision]
         step = 0
         for self.stage_index, stage in enumerate(self.stages):
             lam_of = stage.schedule()
@@ -195,7 +207,9 @@ class Attack:
                 vi = v[idx].detach().requires_grad_(True)
                 xi = self.threat.apply(x0[idx], vi)
                 lam = lam_of(i)
-                per = self.loss(interp, xi, vi, y_t[idx], None if map_t is None else map_t[idx], lam, idx)
+                with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):
+                    per = self.loss(interp, xi, vi, y_t[idx], None if map_t is None else map_t[idx], lam, idx)
+                per = per.float()
                 (g,) = torch.autograd.grad(per.sum(), vi)
                 with torch.no_grad():
                     if stage.rule == "sign":

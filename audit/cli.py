@@ -260,7 +260,7 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
         cfg.targets = [Target(**tflags)]
     else:
         cfg.targets = [dataclasses.replace(t, **tflags) for t in cfg.targets]
-    for k in ("name", "batch_size", "seed", "fpr", "device"):
+    for k in ("name", "batch_size", "seed", "fpr", "device", "precision", "channels_last"):
         if flags.get(k) is not None:
             setattr(cfg, k, flags[k])
     cfg.validate()
@@ -340,6 +340,9 @@ def _audit_options(fn):
         click.option("--seed", type=int),
         click.option("--fpr", type=float, help="Detector false-positive rate (default 0.05)."),
         click.option("--device", help="auto (default), cpu, cuda, cuda:1 ..."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+                     help="Attack objectives under autocast (GPU speed; judging stays fp32). Default fp32."),
+        click.option("--channels-last", is_flag=True, default=None, help="Model and inputs in channels-last memory format."),
         click.option("--name", help="Run name: the report goes to <out>/<name>/."),
         click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True),
         click.option("--resume", is_flag=True, help="Continue a killed run from its per-batch journal."),

@@ -39,6 +39,7 @@ import torch
 
 from attacks.adaptive import adaptive
 from attacks.adv2 import PGD, make_adv2
+from attacks.pgd import PRECISIONS
 from attacks.stadv import StAdv2
 from attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
 from audit.metrics import K_GRID, confidence, iou_curve, l1
@@ -106,6 +107,8 @@ class AuditConfig:
     seed: int = 0
     fpr: float = 0.05
     device: str = "auto"
+    precision: str = "fp32"  # the attacks' objective under autocast: fp32 | bf16 | fp16 (judging stays fp32)
+    channels_last: bool = False  # model and inputs in channels-last memory format (faster convolutions on GPU)
     examples: int = 3
     bootstrap: int = 1000
 
@@ -132,6 +135,8 @@ class AuditConfig:
             raise AuditError("the audit has no targets")
         if self.batch_size < 1 or not 0 < self.fpr < 1:
             raise AuditError(f"batch_size must be ≥ 1 and fpr in (0, 1); got {self.batch_size}, {self.fpr}")
+        if self.precision not in PRECISIONS:
+            raise AuditError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         for t in self.targets:
             if t.n < 1:
                 raise AuditError(f"target {t.key()}: n must be ≥ 1, got {t.n}")
@@ -170,6 +175,7 @@ class Deployment:
     x_heldout: torch.Tensor | None
     warnings: list[str]
     pool: tuple[torch.Tensor, torch.Tensor] | None = None  # labelled images not audited ("other" target maps)
+    precision: str = "fp32"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -258,8 +264,11 @@ def _preflight(model, interps: dict, x: torch.Tensor) -> list[str]:
     return warnings
 
 
-def build_deployment(t: Target, seed: int, device: torch.device) -> Deployment:
+def build_deployment(t: Target, seed: int, device: torch.device, precision: str = "fp32",
+                     channels_last: bool = False) -> Deployment:
     model = load_model(t.model, t.weights).to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     interps = {n: build_interpreter(n, model) for n in t.interpreters}
     for it in interps.values():
         it.to(device)
@@ -272,6 +281,8 @@ def build_deployment(t: Target, seed: int, device: torch.device) -> Deployment:
     if len(ok) == 0:
         raise AuditError(f"model {model.name} classifies none of the {len(pool_x)} inputs of {t.data} correctly")
     x, y = pool_x[ok], y[ok]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y_t = target_classes(y.cpu(), model.num_classes, torch.Generator().manual_seed(seed)).to(device)
     warnings = _preflight(model, interps, x)
     if len(x) < t.n:
@@ -281,7 +292,7 @@ def build_deployment(t: Target, seed: int, device: torch.device) -> Deployment:
     if pool_y is not None and len(pool_x) > int(ok[-1]) + 1:
         pool = (pool_x[int(ok[-1]) + 1:], pool_y[int(ok[-1]) + 1:].to(device))
     return Deployment(model, interps, eps, x, y, y_t, None if x_cal is None else x_cal.to(device),
-                      None if x_held is None else x_held.to(device), warnings, pool)
+                      None if x_held is None else x_held.to(device), warnings, pool, precision)
 
 
 def build_detectors(t: Target, dep: Deployment, fpr: float, progress: Progress) -> dict:
@@ -340,7 +351,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     if "pgd" in t.attacks:
         progress("PGD")
         first = next(iter(dep.interpreters.values()))
-        xp = _pgd(t, dep.eps)(first, x, y_t).x_adv
+        xp = _pgd(t, dep)(first, x, y_t).x_adv
         flags = _detect(dets, xp)
         for name, it in dep.interpreters.items():
             out["interpreters"][name]["pgd"] = _record(it, xp, y_t, bms[name], dets, keep, flags)
@@ -349,7 +360,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
             for kind in t.target_maps:
                 progress(f"ADV²-{name.upper()}" + ("" if kind == "benign" else f" → {kind} target maps"))
                 map_t = bms[name] if kind == "benign" else _target_maps(kind, it, dep, x, y_t, seed + sl.start)
-                r = make_adv2(name, dep.eps, t.schedule, shorten=t.shorten)(it, x, y_t, map_t)
+                r = _adv2(t, dep, name)(it, x, y_t, map_t)
                 rec = _record(it, r.x_adv, y_t, map_t, dets, keep)  # L1 / IoU to the attack's target map
                 if kind == "benign":
                     adv_x[name] = r.x_adv
@@ -361,7 +372,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
             for d in t.defenses:
                 if d == "squeeze":
                     progress(f"adaptive ADV²-{name.upper()} vs squeezing")
-                    a = adaptive(make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, lam_scale=ADAPTIVE_LAM),
+                    a = adaptive(_adv2(t, dep, name, lam_scale=ADAPTIVE_LAM),
                                  dets[d])
                     r = a(it, x, y_t, bms[name])
                     out["interpreters"][name]["adaptive-squeeze"] = _record(it, r.x_adv, y_t, bms[name], dets,
@@ -371,7 +382,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
         if len(members) >= 2:
             ens = InterpreterEnsemble(members)
             progress(f"adaptive ADV² vs the ensemble ({ens.name})")
-            a = adaptive(make_adv2("ensemble", dep.eps, t.schedule, shorten=t.shorten, lam_scale=ADAPTIVE_LAM),
+            a = adaptive(_adv2(t, dep, "ensemble", lam_scale=ADAPTIVE_LAM),
                          dets["ensemble"])
             xe = a(ens, x, y_t, benign_maps(ens, x)).x_adv
             flags = _detect(dets, xe)
@@ -381,7 +392,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
         progress("stAdv-ADV²-CAM")
         it = dep.interpreters["cam"]
         s = 1 if t.schedule == "paper" else t.shorten
-        r = StAdv2(steps=(max(1, 200 // s), max(1, 600 // s)))(it, x, y_t, bms["cam"])
+        r = StAdv2(steps=(max(1, 200 // s), max(1, 600 // s)), precision=dep.precision)(it, x, y_t, bms["cam"])
         out["interpreters"]["cam"]["stadv2"] = _record(it, r.x_adv, y_t, bms["cam"], dets, keep)
     out["transfer"] = {a: {b: l1(benign_maps(dep.interpreters[b], xa), bms[b]).tolist() for b in dep.interpreters}
                        for a, xa in adv_x.items()}
@@ -398,8 +409,13 @@ def _target_maps(kind: str, it, dep: Deployment, x: torch.Tensor, y_t: torch.Ten
     return other_class_maps(it, y_t, dep.pool[0], dep.pool[1], gen).to(x)
 
 
-def _pgd(t: Target, eps: float) -> PGD:
-    return PGD(eps, steps=1000 // (t.shorten if t.schedule == "short" else 1))
+def _pgd(t: Target, dep: Deployment) -> PGD:
+    return PGD(dep.eps, steps=1000 // (t.shorten if t.schedule == "short" else 1), precision=dep.precision)
+
+
+def _adv2(t: Target, dep: Deployment, name: str, **kw):
+    """The ADV² of the paper for interpreter ``name`` with this target's schedule and the run's precision."""
+    return make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, precision=dep.precision, **kw)
 
 
 def _adv2_names(t: Target) -> list[str]:
@@ -570,15 +586,16 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
     report = {"schema_version": SCHEMA_VERSION, "name": cfg.name, "config": cfg.to_dict(),
               "environment": {**environment(device), "world_size": world}, "definitions": {
                   "spoofability": SPOOF_DEFINITION,
-                  "success": "argmax f(x_adv) = c_t on the 8-bit-quantised x_adv (GRAD-ADV² also p(c_t) ≥ 0.8 "
-                             "during selection); L1/IoU/MC/detection rates are over successful inputs",
+                  "success": "argmax f(x_adv) = c_t on the 8-bit-quantised x_adv (basic GRAD-ADV² also p(c_t) ≥ 0.8 "
+                             "during selection; adaptive attacks argmax only); L1/IoU/MC/detection rates are over "
+                             "successful inputs",
                   "detection": "a detector score flags an input when it exceeds its threshold, calibrated at the "
                                "FPR on benign data disjoint from the audited inputs"},
               "targets": {}}
     for t in cfg.targets:
         key = t.key()
         progress(f"{key}: loading model, interpreters and data")
-        dep = build_deployment(t, cfg.seed, device)
+        dep = build_deployment(t, cfg.seed, device, cfg.precision, cfg.channels_last)
         for w in dep.warnings:
             progress(f"{key}: {w}")
         dets = build_detectors(t, dep, cfg.fpr, progress)
@@ -612,8 +629,8 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
         report["targets"][key] = {
             "target": asdict(t), "model": dep.model.name, "eps_255": round(dep.eps * 255, 3), "n": n,
             "warnings": dep.warnings,
-            "attacks": {"pgd": _pgd(t, dep.eps).describe(),
-                        **{f"adv2-{nm}": make_adv2(nm, dep.eps, t.schedule, shorten=t.shorten).describe()
+            "attacks": {"pgd": _pgd(t, dep).describe(),
+                        **{f"adv2-{nm}": _adv2(t, dep, nm).describe()
                            for nm in _adv2_names(t)},
                         "adaptive": {"interpreters": _adaptive_names(t), "lam_scale": ADAPTIVE_LAM,
                                      **adaptive(PGD(dep.eps, 1), next(iter(dets.values()))).adaptive_to[0]}

@@ -225,3 +225,20 @@ def test_mask_contrast_term_reads_the_deletion_game(fmnist_resnet, fmnist_test):
     loss = atk.objective(interp, xi, y, benign_maps(interp, x), 1.0, torch.arange(4))
     (g,) = torch.autograd.grad(loss.sum(), xi)
     assert loss.shape == (4,) and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_bf16_objective_keeps_results_within_tolerance(fmnist_resnet, fmnist_test):
+    """Mixed precision changes only the objective's arithmetic: same success, maps within 0.03 L1, and the
+    returned images still on the 8-bit grid inside the ε-ball (the stated tolerance for CAM / GRAD / RTS)."""
+    x, y = fmnist_test.tensors[0][:8], fmnist_test.tensors[1][:8]
+    yt = target_classes(y, 10, torch.Generator().manual_seed(0))
+    cam = CAM(fmnist_resnet)
+    bm = benign_maps(cam, x)
+    full, half = (Adv2("cam", 24 / 255, steps=(25, 50), precision=p)(cam, x, yt, bm) for p in ("fp32", "bf16"))
+    assert torch.equal(full.success, half.success) and bool(half.success.all())
+    gap = float(l1(half.explanation.saliency, bm).mean() - l1(full.explanation.saliency, bm).mean())
+    assert abs(gap) <= 0.03, gap
+    torch.testing.assert_close(half.x_adv * 255, (half.x_adv * 255).round(), rtol=0, atol=1e-4)
+    assert float((half.x_adv - x).abs().max()) <= 24 / 255 + 1e-6
+    with pytest.raises(AttackError, match="precision"):
+        PGD(24 / 255, precision="int8")

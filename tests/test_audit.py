@@ -163,6 +163,8 @@ def test_config_validation():
         AuditConfig.from_dict({"targets": [{"attacks": ["fgsm"]}]}).validate()
     with pytest.raises(AuditError, match="two interpreters"):
         AuditConfig.from_dict({"targets": [{"interpreters": ["cam"], "defenses": ["ensemble"]}]}).validate()
+    with pytest.raises(AuditError, match="precision"):
+        AuditConfig.from_dict({"precision": "int8"}).validate()
 
 
 def test_rerun_keeps_a_finished_report(full_run, work):
