@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/step_cost.py --model fmnist_resnet --batch 32
     .venv/bin/python benchmarks/step_cost.py --model mobilenet_v2 --batch 8 --device cuda
+    .venv/bin/python benchmarks/step_cost.py --model mobilenet_v2 --batch 64 --device cuda --precision fp32,bf16 --channels-last
 
 Every number comes from one run on one machine, model and batch (ratios, since shared machines are noisy).
 A step's cost is measured through the real loop: (T(k2 steps) − T(k1 steps)) / (k2 − k1), so set-up costs
@@ -56,17 +57,19 @@ def floor(model, x, y, dev, reps):
     return timed(lambda: [fb() for _ in range(reps)], dev, 3) / reps
 
 
-def attack_for(name, eps, k):
+def attack_for(name, eps, k, precision="fp32"):
     if name == "pgd":
-        return PGD(eps, steps=k, check_every=10 ** 6)
+        return PGD(eps, steps=k, check_every=10 ** 6, precision=precision)
     if name.startswith("mask"):  # "mask": the default contrast lookahead; "mask-unroll": the paper's
-        return MaskAdv2(eps, steps=(0, k), resolve_every=10 ** 6, lookahead="unroll" if name == "mask-unroll" else "contrast")
-    return Adv2(name, eps, steps=(0, k), check_every=10 ** 6)
+        return MaskAdv2(eps, steps=(0, k), resolve_every=10 ** 6, precision=precision,
+                        lookahead="unroll" if name == "mask-unroll" else "contrast")
+    return Adv2(name, eps, steps=(0, k), check_every=10 ** 6, precision=precision)
 
 
-def step_cost(name, interp, x, y_t, target, eps, dev, k1, k2):
+def step_cost(name, interp, x, y_t, target, eps, dev, k1, k2, precision="fp32"):
     def run(k):
-        return timed(lambda: attack_for(name, eps, k)(interp, x, y_t, None if name == "pgd" else target), dev, 2)
+        atk = attack_for(name, eps, k, precision)
+        return timed(lambda: atk(interp, x, y_t, None if name == "pgd" else target), dev, 2)
     return (run(k2) - run(k1)) / (k2 - k1)
 
 
@@ -79,6 +82,8 @@ def main() -> None:
     ap.add_argument("--k", default="5,15", help="step counts k1,k2")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", help="comma list of fp32,bf16,fp16: one row per attack and precision")
+    ap.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last memory format")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -86,6 +91,8 @@ def main() -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = load_model(a.model).to(dev).eval()
+    if a.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if model.input_size[1] == 28:
         pool = fashion_mnist("test").tensors[0][:max(int(b) for b in a.batches.split(",")) + a.batch]
         eps = 24 / 255
@@ -94,6 +101,8 @@ def main() -> None:
         pool = p.repeat(max(1, (max(int(b) for b in a.batches.split(",")) + a.batch) // len(p) + 1), 1, 1, 1)
         eps = 8 / 255
     pool = pool.to(dev)
+    if a.channels_last:
+        pool = pool.contiguous(memory_format=torch.channels_last)
     x = pool[: a.batch]
     with torch.no_grad():
         y_t = (model(x).argmax(1) + 1) % model.num_classes
@@ -102,8 +111,9 @@ def main() -> None:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"model": a.model, "batch": a.batch, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
            f"cpu {platform.machine()}, {torch.get_num_threads()} threads", "torch": str(torch.__version__),
-           "date": time.strftime("%Y-%m-%d"), "floor_s": base, "rows": {}}
-    for name in a.interpreters.split(","):
+           "date": time.strftime("%Y-%m-%d"), "floor_s": base, "channels_last": a.channels_last, "rows": {}}
+    precisions = a.precision.split(",")
+    for name, prec in ((n, p) for n in a.interpreters.split(",") for p in precisions):
         interp = build_interpreter("cam" if name == "pgd" else name.split("-")[0], model)
         if name.startswith("mask"):  # a short initial solve: set-up cost only, but its noise would swamp k2 − k1 steps
             interp.cfg.steps = 10
@@ -111,11 +121,13 @@ def main() -> None:
             target = interp(x).saliency
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        c = step_cost(name, interp, x, y_t, target, eps, dev, k1, k2)
+        c = step_cost(name, interp, x, y_t, target, eps, dev, k1, k2, prec)
         mem = (torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda"
                else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
-        out["rows"][name] = {"step_s": c, "ratio": c / base, "target": TARGETS.get(name), "peak_mem_mib": mem}
-        print(f"[{name}] {json.dumps(out['rows'][name])}", file=sys.stderr, flush=True)
+        row = name if len(precisions) == 1 else f"{name}@{prec}"
+        out["rows"][row] = {"step_s": c, "ratio": c / base, "target": TARGETS.get(name), "peak_mem_mib": mem,
+                            "precision": prec}
+        print(f"[{row}] {json.dumps(out['rows'][row])}", file=sys.stderr, flush=True)
     thr = {}
     cam = build_interpreter("cam", model)
     for b in (int(v) for v in a.batches.split(",")):
@@ -129,8 +141,10 @@ def main() -> None:
           f"torch {out['torch']}, {out['date']} (floor {base * 1e3:.1f} ms)\n")
     print("| attack | step (ms) | ratio to floor | target | peak memory (MiB) |")
     print("|---|---|---|---|---|")
-    for name, r in out["rows"].items():
+    for row, r in out["rows"].items():
+        name = row.split("@")[0]
         label = "PGD" if name == "pgd" else f"{name.split('-')[0].upper()}-ADV²" + (" (unrolled)" if "-" in name else "")
+        label += "" if len(precisions) == 1 else f", {r['precision']}"
         tgt = f"≤ {r['target']}" if r["target"] else "–"
         print(f"| {label} | {r['step_s'] * 1e3:.1f} | {r['ratio']:.2f} | {tgt} | {r['peak_mem_mib']:.0f} |")
     print("\n| batch | CAM-ADV² images·steps/s |\n|---|---|")
