@@ -98,7 +98,10 @@ class MaskAdv2(Attack):
     ``track`` Adam steps of the MASK objective without a graph (warm-started from the last step's mask);
     (2) an interpretation term ℓ_int, chosen by ``lookahead``; (3) an L2-normalised step on CW margin + λ·ℓ_int.
     Every ``resolve_every`` steps the mask is re-solved from scratch (the full MASK schedule) on the
-    8-bit image, which is also when iterates are judged.
+    8-bit image, which is also when iterates are judged. Default: stage 2 / 20, the paper's count of
+    re-solves (1000 steps, every 50) kept when a short schedule divides the steps. Measured (fmnist_resnet,
+    30 images, ε = 24/255, 100 + 250 steps, contrast lookahead; PGD 0.367): L1 to benign 0.241 re-solving every
+    50 steps, 0.213 every 25, 0.184 every 12–13 (the default here), at 80 / 115 / 394 s.
 
     ``lookahead``:
     - "contrast" (default): make the target keep-mask m_t = 1 − map_t the better answer to MASK's question
@@ -121,7 +124,7 @@ class MaskAdv2(Attack):
 
     def __init__(self, eps: float = 8 / 255, schedule: str = "paper", shorten: int = 4,
                  steps: tuple[int, int] | None = None, lam: float = 1.0, track: int = 2, unroll: int = 4,
-                 resolve_every: int = 50, kappa: float = 5.0, l2_lr: float = 2 / 255, line_search: bool = False,
+                 resolve_every: int | None = None, kappa: float = 5.0, l2_lr: float = 2 / 255, line_search: bool = False,
                  s_max: float = 4.0, margin: float = 10.0, search_iters: int = 5, lookahead: str = "contrast",
                  contrast_weight: float = 10.0, average_unrolled: bool = False, **kw) -> None:
         if schedule not in ("paper", "short"):
@@ -131,6 +134,8 @@ class MaskAdv2(Attack):
         s1, s2 = steps if steps is not None else (400, 1000)
         if steps is None and schedule == "short":
             s1, s2 = max(1, s1 // shorten), max(1, s2 // shorten)
+        if resolve_every is None:
+            resolve_every = max(1, s2 // 20)  # the paper's 20 re-solves, whatever the schedule's length
         kw.setdefault("check_every", resolve_every)
         super().__init__(LinfBall(eps), [Stage(s1, 0.0, "sign", STEP), Stage(s2, lam, "l2", l2_lr)],
                          pred_loss=lambda z, t: cw_margin(z, t, kappa), int_loss="l2sq", **kw)
@@ -145,10 +150,12 @@ class MaskAdv2(Attack):
         self._ea, self._eas = ea, eas
 
     def _solve(self, interp, x, y_t, idx, steps=None):
-        """Continue Adam on the tracked masks of samples ``idx`` (no graph) and store the result."""
+        """Continue Adam on the tracked masks of samples ``idx`` (no graph) and store the result; with
+        ``steps=None`` re-solve from scratch exactly as the deployed interpreter does (same jitter seed)."""
         with torch.enable_grad():
             m, (ea, eas, _) = interp.solve(x.detach(), y_t, steps=steps, m0=None if steps is None else self._m[idx],
-                                           state=None if steps is None else (self._ea[idx], self._eas[idx], interp.cfg.steps))
+                                           state=None if steps is None else (self._ea[idx], self._eas[idx], interp.cfg.steps),
+                                           gen=interp.jitter_generator() if steps is None else None)
         self._m[idx], self._ea[idx], self._eas[idx] = m, ea, eas
         return m, (ea, eas, interp.cfg.steps)
 
@@ -203,7 +210,7 @@ class MaskAdv2(Attack):
             m, _ = self._solve(interp, xq, y_t, idx)
         else:
             with torch.enable_grad():
-                m, _ = interp.solve(xq, p.argmax(1))
+                m, _ = interp.solve(xq, p.argmax(1), gen=interp.jitter_generator())  # = interp(xq)
         ok = self.succeeded(logits, y_t)
         d = self.int_loss(1 - m, map_t) if map_t is not None else torch.zeros_like(p[:, 0])
         return Explanation(logits, (1 - m).detach()), ok, d

@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--mask-steps", default=None, help="stage1,stage2 for MASK-ADV² (default: schedule)")
     ap.add_argument("--mask-lookahead", default="contrast", choices=["contrast", "unroll"],
                     help="MASK-ADV²'s interpretation term (attacks/adv2.py MaskAdv2)")
+    ap.add_argument("--mask-resolve", type=int, default=None,
+                    help="MASK-ADV² re-solves the mask every this many steps (default: stage 2 / 20)")
     ap.add_argument("--targets", default="benign", help="comma list of benign,shapes,other")
     ap.add_argument("--transfer", action="store_true", help="also the transfer matrix (needs ≥2 interpreters)")
     ap.add_argument("--stadv", action="store_true", help="also stAdv vs stAdv-ADV² on CAM")
@@ -101,7 +103,8 @@ def main() -> None:
     out = {"model": args.model, "n": len(x), "eps_255": round(eps * 255, 2), "schedule": args.schedule,
            "shorten": args.shorten if args.schedule == "short" else 1, "pgd_steps": pgd_steps,
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-           "date": time.strftime("%Y-%m-%d"), "mask_lookahead": args.mask_lookahead, "rows": {}}
+           "date": time.strftime("%Y-%m-%d"), "mask_lookahead": args.mask_lookahead,
+           "mask_resolve": args.mask_resolve, "rows": {}}
     t_all = time.time()
     pgd = PGD(eps, steps=pgd_steps)
     pgd_x = torch.cat(batched(lambda s: pgd(interps[names[0]], x[s], y_t[s]).x_adv, len(x), args.batch))
@@ -122,7 +125,7 @@ def main() -> None:
         row["pgd"] = summarise(judge(pgd_x), bm, y_t)
         atk = make_adv2(name, eps, args.schedule, shorten=args.shorten, lam_scale=args.lam_scale,
                         **({"steps": mask_steps} if name == "mask" and mask_steps else {}),
-                        **({"lookahead": args.mask_lookahead} if name == "mask" else {}))
+                        **({"lookahead": args.mask_lookahead, "resolve_every": args.mask_resolve} if name == "mask" else {}))
         for kind in args.targets.split(","):
             if kind == "benign":
                 mt = bm

@@ -172,6 +172,8 @@ def test_mask_adv2_and_stadv2_run_on_real_fmnist(fmnist_resnet, fmnist_test):
         assert r.x_adv.shape == x.shape and r.explanation.saliency.shape == (3, 1, 14, 14)
         assert float((r.x_adv - x).abs().max()) <= 24 / 255 + 1e-6
         assert len(r.history["step"]) == 4
+        # the verdict is the deployed interpreter's own map of x_adv (same seeded jitter), not another draw
+        torch.testing.assert_close(r.explanation.saliency, interp(r.x_adv).saliency, rtol=0, atol=1e-6)
     with pytest.raises(AttackError, match="lookahead"):
         make_adv2("mask", 24 / 255, lookahead="guess")
     cam = CAM(fmnist_resnet)

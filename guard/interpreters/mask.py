@@ -120,6 +120,11 @@ class Mask(Interpreter):
         p = self.survival(x, m, t, x_blur, shift)  # (B,)
         return p + self.cfg.l1 * (1 - m).abs().flatten(1).mean(1) + self.cfg.tv * tv_beta(m, self.cfg.tv_beta)
 
+    def jitter_generator(self) -> torch.Generator | None:
+        """The generator of a fresh explanation's jitter: seeded (``cfg.seed``), so a map is a function of the
+        image; None draws from torch's global generator."""
+        return None if self.cfg.seed is None else torch.Generator().manual_seed(self.cfg.seed)
+
     def solve(self, x: torch.Tensor, t: torch.Tensor, steps: int | None = None, m0=None, state=None,
               create_graph: bool = False, gen: torch.Generator | None = None, path: list | None = None):
         """Run Adam on the keep-mask; returns (m, (exp_avg, exp_avg_sq, step)).
@@ -162,9 +167,7 @@ class Mask(Interpreter):
 
     def explain(self, x, target):
         second_order = x.requires_grad and torch.is_grad_enabled()
-        gen = None
-        if self.cfg.seed is not None:
-            gen = torch.Generator().manual_seed(self.cfg.seed)
+        gen = self.jitter_generator()
         with torch.no_grad():
             logits0 = self.model(x)
         t = pick_target(logits0, target)
