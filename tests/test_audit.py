@@ -176,3 +176,14 @@ def test_rerun_keeps_a_finished_report(full_run, work):
     assert (run_a / "report.json").read_text() == before  # nothing already written is lost
     dated = [p for p in (work / "runs").iterdir() if p.name.startswith("tiny-")]
     assert len(dated) == 1 and records(dated[0]) == records(run_a)
+
+
+def test_model_flag_keeps_a_one_target_preset_and_replaces_a_multi_target_one():
+    from audit.cli import resolve_config
+
+    cfg = resolve_config(None, "table4", {"model": "fmnist_densenet"})
+    (t,) = cfg.targets
+    assert t.model == "fmnist_densenet" and t.calibration_n == 1000 and t.adaptive_interpreters == ["grad", "cam", "rts"]
+    cfg = resolve_config(None, "default", {"model": "fmnist_densenet", "n": 3})
+    (t,) = cfg.targets
+    assert t.model == "fmnist_densenet" and t.n == 3 and t.adv2_interpreters is None  # Target defaults
