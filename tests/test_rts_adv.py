@@ -48,3 +48,14 @@ def test_robustness_term_decreases_when_optimised(fmnist_resnet, fmnist_test):
         vals.append(float(loss.detach()))
     interp.net.eval()
     assert vals[-1] < vals[0]
+
+
+def test_repel_term_adds_its_hinge_to_the_loss(fmnist_resnet, fmnist_test):
+    """repel_weight · relu(τ − L1(RTS(x_adv, c_t), RTS(x, y))) is added on top of the anchor loss, nothing else."""
+    x, y = fmnist_test.tensors[0][:8], fmnist_test.tensors[1][:8]
+    interp = RTS.for_model(fmnist_resnet)
+    plain, _ = rts_adv_loss(interp, x, y, RTSAdvConfig(warm_steps=2, joint_steps=2), torch.Generator().manual_seed(0))
+    cfg = RTSAdvConfig(warm_steps=2, joint_steps=2, repel_weight=3.0, repel_margin=2.0)  # τ above any L1: active
+    loss, logs = rts_adv_loss(interp, x, y, cfg, torch.Generator().manual_seed(0))
+    assert 0 < float(logs["repel"]) <= 2.0
+    torch.testing.assert_close(loss - plain, 3.0 * logs["repel"], rtol=1e-5, atol=1e-6)

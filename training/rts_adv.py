@@ -6,10 +6,13 @@ whose target map is the benign map of the true class), and a robustness term kee
 attacked input close to the benign input's maps for the same class:
 
     loss = rts_loss(x, y) + w_adv · mean_c∈{y, c_t} |RTS(x_adv, c) − sg(RTS(x, c))|₁
+                          + w_rep · relu(τ − |RTS(x_adv, c_t) − sg(RTS(x, y))|₁)        (``repel_weight`` > 0)
 
 with sg = stop-gradient. A map that cannot be moved by an ε-perturbation is exactly what ADV²-RTS needs
 to move: the map it shows for c_t on x_adv stays the (empty-ish) map of c_t on x, far from the benign
-map of y the attacker asks for, so the attacker's interpretation loss stays high.
+map of y the attacker asks for, so the attacker's interpretation loss stays high. The optional repel term
+says so directly: the map shown for c_t on an attacked input must stay at least τ (mean L1) away from the
+attacker's target, the benign map of y (the paper's "maximise the attacker's interpretation loss").
 
     interp, ck = train_rts_adv(model, train_set, RTSAdvConfig())     # starts from the bundled RTS
 """
@@ -39,6 +42,8 @@ class RTSAdvConfig(RTSConfig):
     warm_steps: int = 5  # attack stage 1 (PGD) steps
     joint_steps: int = 10  # attack stage 2 (ADV²) steps
     limit: int | None = 12000
+    repel_weight: float = 0.0  # w_rep: push RTS(x_adv, c_t) at least repel_margin away from RTS(x, y)
+    repel_margin: float = 0.5  # τ, mean L1 per pixel
 
 
 def _attack_batch(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSAdvConfig,
@@ -78,7 +83,13 @@ def rts_adv_loss(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSAdvConfi
     moved = interp.net(taps_a, classes)
     robust = (moved - anchor).abs().flatten(1).mean(1).mean()
     logs = {**logs, "robust_l1": robust.detach()}
-    return base + cfg.adv_weight * robust, logs
+    loss = base + cfg.adv_weight * robust
+    if cfg.repel_weight > 0:  # moved[n:] is RTS(x_adv, c_t), anchor[:n] is RTS(x, y): the attacker's target
+        gap = (moved[n:] - anchor[:n]).abs().flatten(1).mean(1)
+        repel = torch.relu(cfg.repel_margin - gap).mean()
+        logs["repel"] = repel.detach()
+        loss = loss + cfg.repel_weight * repel
+    return loss, logs
 
 
 def train_rts_adv(model, dataset: TensorDataset, cfg: RTSAdvConfig, device: str = "cpu",
