@@ -29,7 +29,7 @@ import torch
 
 from guard.calibration import Detector, DetectorError
 from guard.interpreters.base import Explanation, Interpreter, InterpreterError, build_interpreter
-from guard.maps import iou_at_k
+from guard.maps import iou_at_k, l1 as map_l1, pearson
 
 REDUCTIONS = ("mean", "max", "min", "median")
 
@@ -48,13 +48,6 @@ def member_maps(members: Sequence[Interpreter], x: torch.Tensor,
         logits = e.logits if logits is None else logits
         maps.append(m.upsample(e.saliency, size))
     return logits, maps
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample Pearson correlation of two maps (B, 1, h, w) -> (B,); 0 where a map is constant."""
-    a, b = a.flatten(1), b.flatten(1)
-    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
 
 
 class InterpreterEnsemble(Interpreter):
@@ -126,7 +119,7 @@ class DisagreementDetector(Detector):
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             _, maps = member_maps(self.members, x)
             pairs = list(itertools.combinations(maps, 2))
-            l1 = torch.stack([(a - b).abs().flatten(1).mean(1) for a, b in pairs]).mean(0)
+            l1 = torch.stack([map_l1(a, b) for a, b in pairs]).mean(0)
             corr = torch.stack([pearson(a, b) for a, b in pairs]).mean(0)
         with torch.no_grad():
             iou = torch.stack([iou_at_k(a.detach(), b.detach(), self.top_k) for a, b in pairs]).mean(0)

@@ -23,6 +23,14 @@ def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().flatten(1).mean(1)
 
 
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample Pearson correlation of two maps (B,) in [−1, 1]; 0 where a map is constant; differentiable."""
+    a, b = common_size(a, b)
+    a, b = a.flatten(1), b.flatten(1)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
+
+
 def iou_at_k(a: torch.Tensor, b: torch.Tensor, k: float) -> torch.Tensor:
     """IoU of the sets of top-k% pixels (ties broken by index), (B,). k in (0, 100)."""
     a, b = common_size(a, b)

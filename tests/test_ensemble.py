@@ -7,7 +7,8 @@ import torch
 
 from attacks.adv2 import Adv2
 from guard.calibration import DetectorError
-from guard.ensemble import DisagreementDetector, InterpreterEnsemble, build_ensemble, pearson
+from guard.ensemble import DisagreementDetector, InterpreterEnsemble, build_ensemble
+from guard.maps import pearson
 from guard.interpreters import build_interpreter
 from guard.interpreters.base import InterpreterError
 from tests.conftest import tiny_classifier
