@@ -123,6 +123,7 @@ class MaskAdv2(Attack):
     """
 
     name = "adv2"
+    UNJUDGED = 1e3  # map distance given to warm-start iterates (judged for success only)
 
     def __init__(self, eps: float = 8 / 255, schedule: str = "paper", shorten: int = 4,
                  steps: tuple[int, int] | None = None, lam: float = 1.0, track: int = 2, unroll: int = 4,
@@ -144,12 +145,13 @@ class MaskAdv2(Attack):
         self.track, self.unroll, self.interpreter, self.schedule_name = track, unroll, "mask", schedule
         self.search, self.s_max, self.margin, self.search_iters = line_search, s_max, margin, search_iters
         self.lookahead, self.contrast_weight, self.average_unrolled = lookahead, contrast_weight, average_unrolled
-        self._m = self._ea = self._eas = None
+        self._m = self._ea = self._eas = self._stale = None
 
     def reset(self, interp, x0, y_t) -> None:
         with torch.enable_grad():
             self._m, (ea, eas, _) = interp.solve(x0, y_t)  # per-sample mask state for c_t
         self._ea, self._eas = ea, eas
+        self._stale = torch.ones(len(x0), dtype=torch.bool, device=x0.device)  # warm start moved x since
 
     def _solve(self, interp, x, y_t, idx, steps=None):
         """Continue Adam on the tracked masks of samples ``idx`` (no graph) and store the result; with
@@ -185,6 +187,10 @@ class MaskAdv2(Attack):
     def objective(self, interp, x, y_t, map_t, lam, idx):
         if lam <= 0:
             return self.pred_loss(interp.model(x), y_t)
+        stale = self._stale[idx]
+        if stale.any():  # first joint step: re-solve the mask of the warm-started image from scratch
+            self._solve(interp, x[stale], y_t[stale], idx[stale])
+            self._stale[idx] = False
         m, st = self._solve(interp, x, y_t, idx, steps=self.track)
         if self.lookahead == "contrast":
             x_blur = interp.blurred(x)
@@ -208,12 +214,17 @@ class MaskAdv2(Attack):
         with torch.no_grad():
             logits = interp.model(xq)
         p = logits.softmax(1)
+        ok = self.succeeded(logits, y_t)
+        if idx is not None and self.stage_index == 0:
+            # Warm start (λ = 0): plain PGD iterates, whose maps are never the attacker's best; judging them
+            # would cost a full MASK solve each. They count as successes with a large finite distance, so any
+            # joint-stage success replaces them.
+            return Explanation(logits, torch.empty(0)), ok, torch.full_like(p[:, 0], self.UNJUDGED)
         if idx is not None:
             m, _ = self._solve(interp, xq, y_t, idx)
         else:
             with torch.enable_grad():
                 m, _ = interp.solve(xq, p.argmax(1), gen=interp.jitter_generator())  # = interp(xq)
-        ok = self.succeeded(logits, y_t)
         d = self.int_loss(1 - m, map_t) if map_t is not None else torch.zeros_like(p[:, 0])
         return Explanation(logits, (1 - m).detach()), ok, d
 
