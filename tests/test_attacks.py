@@ -167,8 +167,18 @@ def test_mask_adv2_and_stadv2_run_on_real_fmnist(fmnist_resnet, fmnist_test):
     yt = target_classes(y, 10, torch.Generator().manual_seed(0))
     interp = Mask(fmnist_resnet, steps=20)
     bm = benign_maps(interp, x)
+    solve, full = interp.solve, []
+
+    def counting_solve(*a, **kw):  # count the from-scratch MASK solves (steps=None)
+        full.append(kw.get("steps") is None)
+        return solve(*a, **kw)
+
+    interp.solve = counting_solve
     for lookahead in ("contrast", "unroll"):
+        full.clear()
         r = make_adv2("mask", 24 / 255, steps=(10, 10), resolve_every=5, lookahead=lookahead)(interp, x, yt, bm)
+        # reset + first joint step + 2 stage-2 judgements + the verdict; the 2 warm-start checks solve nothing
+        assert sum(full) == 5
         assert r.x_adv.shape == x.shape and r.explanation.saliency.shape == (3, 1, 14, 14)
         assert float((r.x_adv - x).abs().max()) <= 24 / 255 + 1e-6
         assert len(r.history["step"]) == 4
