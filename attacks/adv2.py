@@ -151,7 +151,7 @@ class MaskAdv2(Attack):
         with torch.enable_grad():
             self._m, (ea, eas, _) = interp.solve(x0, y_t)  # per-sample mask state for c_t
         self._ea, self._eas = ea, eas
-        self._stale = torch.ones(len(x0), dtype=torch.bool, device=x0.device)  # warm start moved x since
+        self._stale = True  # the warm start will move x away from the solved x0
 
     def _solve(self, interp, x, y_t, idx, steps=None):
         """Continue Adam on the tracked masks of samples ``idx`` (no graph) and store the result; with
@@ -187,10 +187,9 @@ class MaskAdv2(Attack):
     def objective(self, interp, x, y_t, map_t, lam, idx):
         if lam <= 0:
             return self.pred_loss(interp.model(x), y_t)
-        stale = self._stale[idx]
-        if stale.any():  # first joint step: re-solve the mask of the warm-started image from scratch
-            self._solve(interp, x[stale], y_t[stale], idx[stale])
-            self._stale[idx] = False
+        if self._stale:  # first joint step: re-solve the mask of the warm-started image from scratch
+            self._solve(interp, x, y_t, idx)
+            self._stale = False
         m, st = self._solve(interp, x, y_t, idx, steps=self.track)
         if self.lookahead == "contrast":
             x_blur = interp.blurred(x)

@@ -28,7 +28,7 @@ import torch
 
 from attacks.objectives import INT_LOSSES, PRED_LOSSES, Schedule, constant
 from attacks.threats import AttackError, LinfBall
-from guard.interpreters.base import Explanation, Interpreter
+from guard.interpreters.base import Explanation, Interpreter, trusted_inputs
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,21 @@ class Attack:
         """The L2 rule's update v − step; attacks with a line search (MASK-ADV²) choose its length here."""
         return v - step
 
+    def _update(self, stage: Stage, interp, x0, vi, g, y_t, lam, idx, adam: dict) -> torch.Tensor:
+        """One step of the stage's rule from vi along the gradient g (before projection)."""
+        if stage.rule == "sign":
+            return vi - stage.lr * g.sign()
+        if stage.rule == "l2":
+            norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.ndim - 1))
+            return self.line_search(interp, x0, vi, stage.lr * math.sqrt(g[0].numel()) * g / norm, y_t, lam)
+        if stage.rule == "adam":
+            adam["t"] += 1
+            adam["m"][idx] = 0.9 * adam["m"][idx] + 0.1 * g
+            adam["v"][idx] = 0.999 * adam["v"][idx] + 0.001 * g * g
+            mh, vh = adam["m"][idx] / (1 - 0.9 ** adam["t"]), adam["v"][idx] / (1 - 0.999 ** adam["t"])
+            return vi - stage.lr * mh / (vh.sqrt() + 1e-8)
+        raise AttackError(f"unknown step rule {stage.rule!r}")
+
     def reset(self, interp: Interpreter, x0: torch.Tensor, y_t: torch.Tensor) -> None:
         """Called once before the loop; attacks with per-sample state (MASK-ADV²) initialise it here."""
 
@@ -193,62 +208,52 @@ class Attack:
         best_d = torch.full((b,), math.inf, device=x0.device, dtype=x0.dtype)
         best_ok = torch.zeros(b, dtype=torch.bool, device=x0.device)
         active = torch.ones(b, dtype=torch.bool, device=x0.device)
-        adam_m, adam_v, adam_t = torch.zeros_like(v), torch.zeros_like(v), 0
+        adam = {"m": torch.zeros_like(v), "v": torch.zeros_like(v), "t": 0}
         hist: dict[str, list] = {"step": [], "loss": [], "success": [], "map_distance": []}
         total_steps = sum(s.steps for s in self.stages)
         amp = PRECISIONS[self.precision]
         step = 0
-        for self.stage_index, stage in enumerate(self.stages):
-            lam_of = stage.schedule()
-            for i in range(stage.steps):
-                idx = active.nonzero().squeeze(1)
-                if idx.numel() == 0:
-                    break
-                vi = v[idx].detach().requires_grad_(True)
-                xi = self.threat.apply(x0[idx], vi)
-                lam = lam_of(i)
-                with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):
-                    per = self.loss(interp, xi, vi, y_t[idx], None if map_t is None else map_t[idx], lam, idx)
-                per = per.float()
-                (g,) = torch.autograd.grad(per.sum(), vi)
-                with torch.no_grad():
-                    if stage.rule == "sign":
-                        vn = vi - stage.lr * g.sign()
-                    elif stage.rule == "l2":
-                        norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.ndim - 1))
-                        vn = self.line_search(interp, x0[idx], vi, stage.lr * math.sqrt(g[0].numel()) * g / norm,
-                                              y_t[idx], lam)
-                    elif stage.rule == "adam":
-                        adam_t += 1
-                        adam_m[idx] = 0.9 * adam_m[idx] + 0.1 * g
-                        adam_v[idx] = 0.999 * adam_v[idx] + 0.001 * g * g
-                        mh, vh = adam_m[idx] / (1 - 0.9 ** adam_t), adam_v[idx] / (1 - 0.999 ** adam_t)
-                        vn = vi - stage.lr * mh / (vh.sqrt() + 1e-8)
-                    else:
-                        raise AttackError(f"unknown step rule {stage.rule!r}")
-                    v[idx] = self.threat.project(vn, x0[idx])
-                step += 1
-                last = step == total_steps
-                if step % self.check_every == 0 or last:
-                    xq = self.threat.quantize(self.threat.apply(x0[idx], v[idx]), x0[idx])
-                    _, ok, d = self.judge(interp, xq, y_t[idx], None if map_t is None else map_t[idx], idx)
-                    for flagged in self.evade:  # adaptive attacks: a detected iterate is worse than any other
-                        d = d + self.DETECTED * flagged(xq).to(d.dtype)
-                    if self.select == "best":
-                        improve = ok & (d < best_d[idx])  # a successful iterate closer to the target map
-                        take = improve | (~best_ok[idx] & ~ok)  # no success yet: keep the latest
-                        best_x[idx[take]] = xq[take]
-                        best_d[idx[improve]] = d[improve]
-                        best_ok[idx[improve]] = True
-                    else:
-                        best_x[idx], best_ok[idx] = xq, ok
-                    hist["step"].append(step)
-                    hist["loss"].append(float(per.detach().mean()))
-                    hist["success"].append(float(best_ok.float().mean()))
-                    hist["map_distance"].append(float(d.mean()))
-                    if self.early_stop:
-                        active[idx[ok]] = False
-                    if progress is not None:
-                        progress(step, total_steps)
+        idx = active.nonzero().squeeze(1)  # recomputed only when samples leave (early stop): no sync per step
+        with trusted_inputs():  # x0, y_t, map_t were validated once; no per-step input checks (host syncs)
+            for self.stage_index, stage in enumerate(self.stages):
+                lam_of = stage.schedule()
+                for i in range(stage.steps):
+                    if idx.numel() == 0:
+                        break
+                    vi = v[idx].detach().requires_grad_(True)
+                    xi = self.threat.apply(x0[idx], vi)
+                    lam = lam_of(i)
+                    with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):
+                        per = self.loss(interp, xi, vi, y_t[idx], None if map_t is None else map_t[idx], lam, idx)
+                    per = per.float()
+                    (g,) = torch.autograd.grad(per.sum(), vi)
+                    with torch.no_grad():
+                        v[idx] = self.threat.project(self._update(stage, interp, x0[idx], vi, g, y_t[idx], lam, idx,
+                                                                  adam), x0[idx])
+                    step += 1
+                    if step % self.check_every == 0 or step == total_steps:
+                        xq = self.threat.quantize(self.threat.apply(x0[idx], v[idx]), x0[idx])
+                        _, ok, d = self.judge(interp, xq, y_t[idx], None if map_t is None else map_t[idx], idx)
+                        for flagged in self.evade:  # adaptive attacks: a detected iterate is worse than any other
+                            d = d + self.DETECTED * flagged(xq).to(d.dtype)
+                        with torch.no_grad():  # masks by torch.where, not boolean indexing: no host sync
+                            if self.select == "best":
+                                improve = ok & (d < best_d[idx])  # a successful iterate closer to the target map
+                                take = improve | (~best_ok[idx] & ~ok)  # no success yet: keep the latest
+                                best_x[idx] = torch.where(take.view(-1, *[1] * (xq.ndim - 1)), xq, best_x[idx])
+                                best_d[idx] = torch.where(improve, d, best_d[idx])
+                                best_ok[idx] = best_ok[idx] | improve
+                            else:
+                                best_x[idx], best_ok[idx] = xq, ok
+                        hist["step"].append(step)  # tensors until the end of the loop (no sync per check)
+                        hist["loss"].append(per.detach().mean())
+                        hist["success"].append(best_ok.float().mean())
+                        hist["map_distance"].append(d.detach().mean())
+                        if self.early_stop:
+                            active[idx] = active[idx] & ~ok
+                            idx = active.nonzero().squeeze(1)
+                        if progress is not None:
+                            progress(step, total_steps)
+        hist = {k: [v if k == "step" else float(v) for v in vals] for k, vals in hist.items()}
         e, ok, _ = self.judge(interp, best_x, y_t, map_t)
         return AttackResult(best_x, e, ok, hist, self.definition())

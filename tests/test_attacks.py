@@ -254,3 +254,37 @@ def test_bf16_objective_keeps_results_within_tolerance(fmnist_resnet, fmnist_tes
     assert float((half.x_adv - x).abs().max()) <= 24 / 255 + 1e-6
     with pytest.raises(AttackError, match="precision"):
         PGD(24 / 255, precision="int8")
+
+
+@pytest.mark.parametrize("name", ["pgd", "cam", "grad", "mask"])
+def test_loop_reads_nothing_back_per_step(fmnist_resnet, fmnist_test, monkeypatch, name):
+    """No host read (item / float / int / bool of a tensor: a device sync on GPU) per step: an attack with 4×
+    the steps and one judgement makes as many reads as a short one. (MASK's jitter shifts are drawn from a CPU
+    generator, host-side by construction, so MASK runs here with jitter off.)"""
+    from attacks.adv2 import make_adv2
+    from guard.interpreters import build_interpreter
+
+    x, y = fmnist_test.tensors[0][:3], fmnist_test.tensors[1][:3]
+    yt = target_classes(y, 10, torch.Generator().manual_seed(0))
+    interp = build_interpreter(name if name != "pgd" else "cam", fmnist_resnet, **({"steps": 5, "deterministic": True} if name == "mask" else {}))
+    bm = benign_maps(interp, x)
+    reads = [0]
+    for dunder in ("item", "__float__", "__int__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, dunder)
+
+        def counted(self, *a, _real=real, **kw):
+            reads[0] += 1
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, dunder, counted)
+
+    def count(steps):
+        reads[0] = 0
+        if name == "pgd":
+            PGD(24 / 255, steps=sum(steps), check_every=10_000)(interp, x, yt)
+        else:
+            make_adv2(name, 24 / 255, steps=steps, check_every=10_000,
+                      **({"resolve_every": 10_000} if name == "mask" else {}))(interp, x, yt, bm)
+        return reads[0]
+
+    assert count((1, 2)) == count((4, 8))
