@@ -134,6 +134,9 @@ class MaskAdv2(Attack):
             raise AttackError(f"schedule must be 'paper' or 'short', not {schedule!r}")
         if lookahead not in ("contrast", "unroll"):
             raise AttackError(f"MASK-ADV² lookahead must be 'contrast' or 'unroll', not {lookahead!r}")
+        if lookahead == "unroll" and kw.get("compile"):
+            raise AttackError("MASK-ADV²'s unrolled lookahead needs a double backward, which compiled graphs do "
+                              "not support: use lookahead='contrast' or compile=False")
         s1, s2 = steps if steps is not None else (400, 1000)
         if steps is None and schedule == "short":
             s1, s2 = max(1, s1 // shorten), max(1, s2 // shorten)

@@ -75,6 +75,8 @@ class Attack:
         select: "best" (successful iterate with smallest ℓ_int) or "last".
         early_stop: drop a sample from the batch once it is successful (PGD).
         precision: "fp32" (default), or "bf16" / "fp16" for the objective under autocast (GPU speed).
+        compile: run the interpreter's ``compile_parts`` through torch.compile (GPU speed; the first steps
+            pay the compilation; GRAD compiles nothing, since its attack needs a double backward).
     """
 
     name = "attack"
@@ -82,7 +84,8 @@ class Attack:
 
     def __init__(self, threat, stages: Sequence[Stage], pred_loss="nll", int_loss="mse",
                  extra: Sequence[Extra] = (), check_every: int = 10, min_confidence: float = 0.0,
-                 select: str = "best", early_stop: bool = False, seed: int = 0, precision: str = "fp32") -> None:
+                 select: str = "best", early_stop: bool = False, seed: int = 0, precision: str = "fp32",
+                 compile: bool = False) -> None:
         if select not in ("best", "last"):
             raise AttackError(f"select must be 'best' or 'last', not {select!r}")
         if precision not in PRECISIONS:
@@ -94,7 +97,7 @@ class Attack:
         self.int_loss = INT_LOSSES[int_loss] if isinstance(int_loss, str) else int_loss
         self.extra, self.check_every = list(extra), max(1, check_every)
         self.min_confidence, self.select, self.early_stop, self.seed = min_confidence, select, early_stop, seed
-        self.precision = precision
+        self.precision, self.compile = precision, compile
         self.evade: list[Callable[[torch.Tensor], torch.Tensor]] = []  # detectors to evade (attacks/adaptive.py)
         self.adaptive_to: list[dict] = []
         self.stage_index = 0  # the stage the loop is in (extra terms may depend on it)
@@ -116,7 +119,7 @@ class Attack:
             {"steps": s.steps, "rule": s.rule, "lr": s.lr, "lam0": s.schedule()(0),
              "lam_end": s.schedule()(max(s.steps - 1, 0))} for s in self.stages],
             "select": self.select, "min_confidence": self.min_confidence, "check_every": self.check_every,
-            "precision": self.precision,
+            "precision": self.precision, "compile": self.compile,
             **({"adaptive_to": self.adaptive_to} if self.adaptive_to else {})}
 
     # -- checks --------------------------------------------------------------------------------------------
@@ -200,6 +203,8 @@ class Attack:
         """Called once before the loop; attacks with per-sample state (MASK-ADV²) initialise it here."""
 
     def _run(self, interp, x0, y_t, map_t, progress) -> AttackResult:
+        if self.compile:
+            interp = interp.compiled()
         self.reset(interp, x0, y_t)
         gen = torch.Generator().manual_seed(self.seed)
         b = x0.shape[0]

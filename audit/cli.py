@@ -266,7 +266,7 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
         cfg.targets = [Target(**tflags)]
     else:
         cfg.targets = [dataclasses.replace(t, **tflags) for t in cfg.targets]
-    for k in ("name", "batch_size", "seed", "fpr", "device", "precision", "channels_last"):
+    for k in ("name", "batch_size", "seed", "fpr", "device", "precision", "channels_last", "compile"):
         if flags.get(k) is not None:
             setattr(cfg, k, flags[k])
     cfg.validate()
@@ -349,6 +349,8 @@ def _audit_options(fn):
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
                      help="Attack objectives under autocast (GPU speed; judging stays fp32). Default fp32."),
         click.option("--channels-last", is_flag=True, default=None, help="Model and inputs in channels-last memory format."),
+        click.option("--compile", is_flag=True, default=None,
+                     help="torch.compile the attacks' model / map calls (GPU speed; first steps pay the compilation)."),
         click.option("--name", help="Run name: the report goes to <out>/<name>/."),
         click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True),
         click.option("--resume", is_flag=True, help="Continue a killed run from its per-batch journal."),

@@ -109,6 +109,7 @@ class AuditConfig:
     device: str = "auto"
     precision: str = "fp32"  # the attacks' objective under autocast: fp32 | bf16 | fp16 (judging stays fp32)
     channels_last: bool = False  # model and inputs in channels-last memory format (faster convolutions on GPU)
+    compile: bool = False  # torch.compile the attacks' classifier / map calls (not GRAD's double backward)
     examples: int = 3
     bootstrap: int = 1000
 
@@ -176,6 +177,12 @@ class Deployment:
     warnings: list[str]
     pool: tuple[torch.Tensor, torch.Tensor] | None = None  # labelled images not audited ("other" target maps)
     precision: str = "fp32"
+    compile: bool = False
+
+    @property
+    def attack_kw(self) -> dict:
+        """How every attack of this deployment runs: autocast precision and torch.compile."""
+        return {"precision": self.precision, "compile": self.compile}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -265,7 +272,7 @@ def _preflight(model, interps: dict, x: torch.Tensor) -> list[str]:
 
 
 def build_deployment(t: Target, seed: int, device: torch.device, precision: str = "fp32",
-                     channels_last: bool = False) -> Deployment:
+                     channels_last: bool = False, compile: bool = False) -> Deployment:
     model = load_model(t.model, t.weights).to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -292,7 +299,7 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     if pool_y is not None and len(pool_x) > int(ok[-1]) + 1:
         pool = (pool_x[int(ok[-1]) + 1:], pool_y[int(ok[-1]) + 1:].to(device))
     return Deployment(model, interps, eps, x, y, y_t, None if x_cal is None else x_cal.to(device),
-                      None if x_held is None else x_held.to(device), warnings, pool, precision)
+                      None if x_held is None else x_held.to(device), warnings, pool, precision, compile)
 
 
 def build_detectors(t: Target, dep: Deployment, fpr: float, progress: Progress) -> dict:
@@ -392,7 +399,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
         progress("stAdv-ADV²-CAM")
         it = dep.interpreters["cam"]
         s = 1 if t.schedule == "paper" else t.shorten
-        r = StAdv2(steps=(max(1, 200 // s), max(1, 600 // s)), precision=dep.precision)(it, x, y_t, bms["cam"])
+        r = StAdv2(steps=(max(1, 200 // s), max(1, 600 // s)), **dep.attack_kw)(it, x, y_t, bms["cam"])
         out["interpreters"]["cam"]["stadv2"] = _record(it, r.x_adv, y_t, bms["cam"], dets, keep)
     out["transfer"] = {a: {b: l1(benign_maps(dep.interpreters[b], xa), bms[b]).tolist() for b in dep.interpreters}
                        for a, xa in adv_x.items()}
@@ -410,12 +417,13 @@ def _target_maps(kind: str, it, dep: Deployment, x: torch.Tensor, y_t: torch.Ten
 
 
 def _pgd(t: Target, dep: Deployment) -> PGD:
-    return PGD(dep.eps, steps=1000 // (t.shorten if t.schedule == "short" else 1), precision=dep.precision)
+    return PGD(dep.eps, steps=1000 // (t.shorten if t.schedule == "short" else 1), **dep.attack_kw)
 
 
 def _adv2(t: Target, dep: Deployment, name: str, **kw):
-    """The ADV² of the paper for interpreter ``name`` with this target's schedule and the run's precision."""
-    return make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, precision=dep.precision, **kw)
+    """The ADV² of the paper for interpreter ``name`` with this target's schedule, the run's precision and
+    compile setting."""
+    return make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, **dep.attack_kw, **kw)
 
 
 def _adv2_names(t: Target) -> list[str]:
@@ -595,7 +603,7 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
     for t in cfg.targets:
         key = t.key()
         progress(f"{key}: loading model, interpreters and data")
-        dep = build_deployment(t, cfg.seed, device, cfg.precision, cfg.channels_last)
+        dep = build_deployment(t, cfg.seed, device, cfg.precision, cfg.channels_last, cfg.compile)
         for w in dep.warnings:
             progress(f"{key}: {w}")
         dets = build_detectors(t, dep, cfg.fpr, progress)

@@ -3,11 +3,14 @@
     .venv/bin/python benchmarks/step_cost.py --model fmnist_resnet --batch 32
     .venv/bin/python benchmarks/step_cost.py --model mobilenet_v2 --batch 8 --device cuda
     .venv/bin/python benchmarks/step_cost.py --model mobilenet_v2 --batch 64 --device cuda --precision fp32,bf16 --channels-last
+    .venv/bin/python benchmarks/step_cost.py --interpreters pgd,cam,rts,mask --compile   # + torch.compile rows
 
 Every number comes from one run on one machine, model and batch (ratios, since shared machines are noisy).
 A step's cost is measured through the real loop: (T(k2 steps) − T(k1 steps)) / (k2 − k1), so set-up costs
 (MASK-ADV²'s initial mask solve, the final judgement) cancel. Also prints throughput against batch size
 (CAM-ADV² images·steps per second) and peak memory (CUDA: max allocated; CPU: growth of the process's max RSS).
+With ``--compile`` every attack also gets a row with ``Attack(compile=True)`` (timed after a warm-up call that
+pays the compilation; the floor stays the eager forward + backward, so a ratio below 1 is a speed-up).
 """
 
 from __future__ import annotations
@@ -57,19 +60,20 @@ def floor(model, x, y, dev, reps):
     return timed(lambda: [fb() for _ in range(reps)], dev, 3) / reps
 
 
-def attack_for(name, eps, k, precision="fp32"):
+def attack_for(name, eps, k, precision="fp32", compile=False):
+    kw = {"precision": precision, "compile": compile}
     if name == "pgd":
-        return PGD(eps, steps=k, check_every=10 ** 6, precision=precision)
+        return PGD(eps, steps=k, check_every=10 ** 6, **kw)
     if name.startswith("mask"):  # "mask": the default contrast lookahead; "mask-unroll": the paper's
-        return MaskAdv2(eps, steps=(0, k), resolve_every=10 ** 6, precision=precision,
+        return MaskAdv2(eps, steps=(0, k), resolve_every=10 ** 6, **kw,
                         lookahead="unroll" if name == "mask-unroll" else "contrast")
-    return Adv2(name, eps, steps=(0, k), check_every=10 ** 6, precision=precision)
+    return Adv2(name, eps, steps=(0, k), check_every=10 ** 6, **kw)
 
 
-def step_cost(name, interp, x, y_t, target, eps, dev, k1, k2, precision="fp32"):
+def step_cost(name, interp, x, y_t, target, eps, dev, k1, k2, precision="fp32", compile=False):
     def run(k):
-        atk = attack_for(name, eps, k, precision)
-        return timed(lambda: atk(interp, x, y_t, None if name == "pgd" else target), dev, 2)
+        atk = attack_for(name, eps, k, precision, compile)
+        return timed(lambda: atk(interp, x, y_t, None if name == "pgd" else target), dev, 3 if compile else 2)
     return (run(k2) - run(k1)) / (k2 - k1)
 
 
@@ -84,6 +88,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="fp32", help="comma list of fp32,bf16,fp16: one row per attack and precision")
     ap.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last memory format")
+    ap.add_argument("--compile", action="store_true", help="also a torch.compile row per attack (not GRAD, mask-unroll)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -113,7 +118,10 @@ def main() -> None:
            f"cpu {platform.machine()}, {torch.get_num_threads()} threads", "torch": str(torch.__version__),
            "date": time.strftime("%Y-%m-%d"), "floor_s": base, "channels_last": a.channels_last, "rows": {}}
     precisions = a.precision.split(",")
-    for name, prec in ((n, p) for n in a.interpreters.split(",") for p in precisions):
+    compiles = [False, True] if a.compile else [False]
+    for name, prec, comp in ((n, p, c) for n in a.interpreters.split(",") for p in precisions for c in compiles):
+        if comp and name in ("grad", "mask-unroll"):
+            continue  # a double backward: compiled graphs do not support it
         interp = build_interpreter("cam" if name == "pgd" else name.split("-")[0], model)
         if name.startswith("mask"):  # a short initial solve: set-up cost only, but its noise would swamp k2 − k1 steps
             interp.cfg.steps = 10
@@ -121,12 +129,12 @@ def main() -> None:
             target = interp(x).saliency
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        c = step_cost(name, interp, x, y_t, target, eps, dev, k1, k2, prec)
+        c = step_cost(name, interp, x, y_t, target, eps, dev, k1, k2, prec, comp)
         mem = (torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda"
                else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
-        row = name if len(precisions) == 1 else f"{name}@{prec}"
+        row = (name if len(precisions) == 1 else f"{name}@{prec}") + ("+compile" if comp else "")
         out["rows"][row] = {"step_s": c, "ratio": c / base, "target": TARGETS.get(name), "peak_mem_mib": mem,
-                            "precision": prec}
+                            "precision": prec, "compile": comp}
         print(f"[{row}] {json.dumps(out['rows'][row])}", file=sys.stderr, flush=True)
     thr = {}
     cam = build_interpreter("cam", model)
@@ -142,9 +150,9 @@ def main() -> None:
     print("| attack | step (ms) | ratio to floor | target | peak memory (MiB) |")
     print("|---|---|---|---|---|")
     for row, r in out["rows"].items():
-        name = row.split("@")[0]
+        name = row.split("@")[0].split("+")[0]
         label = "PGD" if name == "pgd" else f"{name.split('-')[0].upper()}-ADV²" + (" (unrolled)" if "-" in name else "")
-        label += "" if len(precisions) == 1 else f", {r['precision']}"
+        label += ("" if len(precisions) == 1 else f", {r['precision']}") + (", compiled" if r["compile"] else "")
         tgt = f"≤ {r['target']}" if r["target"] else "–"
         print(f"| {label} | {r['step_s'] * 1e3:.1f} | {r['ratio']:.2f} | {tgt} | {r['peak_mem_mib']:.0f} |")
     print("\n| batch | CAM-ADV² images·steps/s |\n|---|---|")

@@ -59,6 +59,7 @@ class InterpreterEnsemble(Interpreter):
     """
 
     name = "ensemble"
+    compile_parts = ()  # members share one model object; compiling them one by one would break that
 
     def __init__(self, members: Sequence[Interpreter], reduce: str = "mean") -> None:
         if not members:

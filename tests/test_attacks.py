@@ -288,3 +288,24 @@ def test_loop_reads_nothing_back_per_step(fmnist_resnet, fmnist_test, monkeypatc
         return reads[0]
 
     assert count((1, 2)) == count((4, 8))
+
+
+def test_compiled_attack_matches_eager(fmnist_resnet, fmnist_test):
+    """Attack(compile=True) runs the interpreter through torch.compile: same images, verdicts and maps (CAM);
+    GRAD compiles nothing (double backward) and the unrolled MASK lookahead refuses to compile."""
+    from attacks.adv2 import make_adv2
+    from guard.interpreters import build_interpreter
+
+    x, y = fmnist_test.tensors[0][:3], fmnist_test.tensors[1][:3]
+    yt = target_classes(y, 10, torch.Generator().manual_seed(0))
+    cam = CAM(fmnist_resnet)
+    bm = benign_maps(cam, x)
+    eager, comp = (Adv2("cam", 24 / 255, steps=(3, 6), compile=c)(cam, x, yt, bm) for c in (False, True))
+    assert torch.equal(eager.success, comp.success)
+    torch.testing.assert_close(comp.x_adv, eager.x_adv, rtol=0, atol=1.5 / 255)  # ≤ one 8-bit level apart
+    torch.testing.assert_close(comp.explanation.saliency, eager.explanation.saliency, rtol=0, atol=0.05)
+    assert cam.explain is not cam.compiled().explain and cam.compiled().model is not fmnist_resnet
+    grad = build_interpreter("grad", fmnist_resnet)
+    assert grad.compiled().model is fmnist_resnet  # nothing compiled
+    with pytest.raises(AttackError, match="double backward"):
+        make_adv2("mask", 24 / 255, lookahead="unroll", compile=True)

@@ -187,3 +187,16 @@ def test_model_flag_keeps_a_one_target_preset_and_replaces_a_multi_target_one():
     cfg = resolve_config(None, "default", {"model": "fmnist_densenet", "n": 3})
     (t,) = cfg.targets
     assert t.model == "fmnist_densenet" and t.n == 3 and t.adv2_interpreters is None  # Target defaults
+
+
+def test_speed_flags_reach_every_attack_of_the_audit():
+    """--precision / --compile go from the CLI flags into the config and into each attack the runner makes."""
+    from audit.cli import resolve_config
+    from audit.runner import Deployment, _adv2, _pgd
+
+    cfg = resolve_config(None, "default", {"precision": "bf16", "compile": True})
+    assert cfg.precision == "bf16" and cfg.compile is True
+    dep = Deployment(None, {}, 8 / 255, None, None, None, None, None, [], None, cfg.precision, cfg.compile)
+    t = cfg.targets[0]
+    for atk in (_pgd(t, dep), _adv2(t, dep, "cam"), _adv2(t, dep, "mask")):
+        assert atk.precision == "bf16" and atk.compile is True and atk.describe()["compile"] is True

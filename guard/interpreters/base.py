@@ -113,9 +113,25 @@ class Interpreter:
     """
 
     name: str = "interpreter"
+    # What torch.compile may wrap in compiled(): "model" (every classifier call) and "explain" (the whole
+    # map). Interpreters whose attack needs a double backward (GRAD) compile nothing: compiled graphs
+    # support only one backward.
+    compile_parts: tuple[str, ...] = ("model", "explain")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    def compiled(self, **compile_kw) -> "Interpreter":
+        """A view of this interpreter whose ``compile_parts`` run through torch.compile (the GPU path of an
+        attack; off by default). The model's weights are shared; the original is unchanged."""
+        import copy
+
+        view = copy.copy(self)
+        if "model" in self.compile_parts:
+            view.model = torch.compile(self.model, **compile_kw)
+        if "explain" in self.compile_parts:
+            view.explain = torch.compile(view.explain, **compile_kw)
+        return view
 
     def modules(self) -> tuple[nn.Module, ...]:
         """Modules the interpreter uses (its state is preserved across calls)."""

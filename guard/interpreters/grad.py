@@ -97,6 +97,8 @@ class GradSaliency(Interpreter):
         always_surrogate: use the surrogate even when x does not require grad (the attack's view).
     """
 
+    compile_parts = ()  # ADV²-GRAD differentiates the gradient: compiled graphs allow one backward only
+
     def __init__(self, model, loss: str = "nll", pool: int = 4, surrogate: str | None = "smooth",
                  tau: float = 1e-4, beta: float = 10.0, always_surrogate: bool = False) -> None:
         super().__init__(model)

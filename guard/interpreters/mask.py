@@ -72,6 +72,8 @@ class MaskConfig:
 class Mask(Interpreter):
     """Fong & Vedaldi meaningful-perturbation mask, optimised for a whole batch at once."""
 
+    compile_parts = ("model",)  # the Adam loop itself stays eager (autograd.grad in a Python loop)
+
     def __init__(self, model, config: MaskConfig | None = None, **overrides) -> None:
         super().__init__(model)
         cfg = config or MaskConfig()
