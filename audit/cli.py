@@ -342,7 +342,7 @@ def _audit_options(fn):
         click.option("--defenses", help="Comma list of squeeze,ensemble (empty string: none)."),
         click.option("--schedule", type=click.Choice(["short", "paper"])),
         click.option("--shorten", type=int, help="Divide every attack schedule by this (schedule short)."),
-        click.option("--batch-size", type=int),
+        click.option("--batch-size", help="Inputs per attack batch, or 'auto' (fill the GPU; 32 on CPU)."),
         click.option("--seed", type=int),
         click.option("--fpr", type=float, help="Detector false-positive rate (default 0.05)."),
         click.option("--device", help="auto (default), cpu, cuda, cuda:1 ..."),

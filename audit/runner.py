@@ -103,7 +103,7 @@ class Target:
 class AuditConfig:
     name: str = "default"
     targets: list[Target] = field(default_factory=lambda: [Target()])
-    batch_size: int = 16
+    batch_size: int | str = 16  # or "auto": fill the GPU (a probe measures one step's memory); 32 on CPU
     seed: int = 0
     fpr: float = 0.05
     device: str = "auto"
@@ -134,8 +134,12 @@ class AuditConfig:
     def validate(self) -> None:
         if not self.targets:
             raise AuditError("the audit has no targets")
-        if self.batch_size < 1 or not 0 < self.fpr < 1:
-            raise AuditError(f"batch_size must be ≥ 1 and fpr in (0, 1); got {self.batch_size}, {self.fpr}")
+        if isinstance(self.batch_size, str) and self.batch_size.isdigit():
+            self.batch_size = int(self.batch_size)
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise AuditError(f"batch_size must be an integer ≥ 1 or 'auto', got {self.batch_size!r}")
+        if not 0 < self.fpr < 1:
+            raise AuditError(f"fpr must be in (0, 1), got {self.fpr}")
         if self.precision not in PRECISIONS:
             raise AuditError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         for t in self.targets:
@@ -525,6 +529,61 @@ def _examples(t: Target, dep: Deployment, k: int) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 # The audit
 # ------------------------------------------------------------------------------------------------------------
+AUTO_CPU_BATCH = 32  # CPU throughput is flat beyond ~32 (step_cost.py: CAM-ADV² 1379 / 1642 / 1327 img·steps/s
+#                     at batch 8 / 32 / 128 on 1 thread)
+
+
+def fit_batch(per_sample_bytes: float, free_bytes: float, n: int, budget: float = 0.7, cap: int = 1024) -> int:
+    """The largest power of two b ≤ min(n, cap) with b · per_sample_bytes ≤ budget · free_bytes (at least 1)."""
+    limit = min(n, cap, int(budget * free_bytes / max(per_sample_bytes, 1.0)))
+    return 1 if limit < 1 else 2 ** int(math.log2(limit))
+
+
+def auto_batch_size(t: Target, dep: Deployment, probe: int = 8) -> int:
+    """batch_size "auto": on CUDA, one step of each of the target's attacks at a probe batch gives the peak
+    memory per input, and the batch fills 70% of the free memory; on CPU, ``AUTO_CPU_BATCH``."""
+    n = len(dep.x)
+    if dep.x.device.type != "cuda":
+        return min(n, AUTO_CPU_BATCH)
+    b0 = min(probe, n)
+    x, y_t = dep.x[:b0], dep.y_t[:b0]
+    worst = 0
+    probes = [("pgd", None)] + [(nm, make_adv2(nm, dep.eps, steps=(0, 1), check_every=1, **dep.attack_kw))
+                                 for nm in _adv2_names(t) if nm in dep.interpreters]
+    for nm, atk in probes:
+        it = dep.interpreters[nm] if atk is not None else next(iter(dep.interpreters.values()))
+        torch.cuda.synchronize(dep.x.device)
+        base = torch.cuda.memory_allocated(dep.x.device)
+        torch.cuda.reset_peak_memory_stats(dep.x.device)
+        if atk is None:
+            PGD(dep.eps, steps=1, **dep.attack_kw)(it, x, y_t)
+        else:
+            atk(it, x, y_t, benign_maps(it, x))
+        worst = max(worst, torch.cuda.max_memory_allocated(dep.x.device) - base)
+    free, _ = torch.cuda.mem_get_info(dep.x.device)
+    return fit_batch(worst / b0, free, n)
+
+
+def resolve_batch_size(cfg: AuditConfig, t: Target, dep: Deployment, journal: "Journal", resume: bool,
+                       rank: int = 0, world: int = 1) -> int:
+    """The batch size of this target's run, fixed in its journal: a resumed run must cut the same batches."""
+    saved = journal.dir / "batch_size"
+    if resume and saved.is_file():
+        b = int(saved.read_text())
+        if cfg.batch_size not in ("auto", b):
+            raise AuditError(f"this run of {t.key()} was journaled with batch size {b}, not {cfg.batch_size}: "
+                             f"resume with --batch-size {b} (or auto), or start again with --overwrite")
+        return b
+    b = auto_batch_size(t, dep) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    if world > 1:  # every rank must cut the same batches: take the smallest choice
+        bt = torch.tensor([b], device=dep.x.device)
+        torch.distributed.all_reduce(bt, op=torch.distributed.ReduceOp.MIN)
+        b = int(bt)
+    if rank == 0:
+        saved.write_text(str(b))
+    return b
+
+
 class Journal:
     """Per-batch JSON files under run_dir/journal/<target>/; written atomically, read back on resume."""
 
@@ -609,14 +668,17 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
         dets = build_detectors(t, dep, cfg.fpr, progress)
         journal = Journal(run_dir, key)
         n = len(dep.x)
-        n_batches = math.ceil(n / cfg.batch_size)
+        bs = resolve_batch_size(cfg, t, dep, journal, resume, rank, world)
+        if cfg.batch_size == "auto":
+            progress(f"{key}: batch size {bs} (auto, {dep.x.device.type})")
+        n_batches = math.ceil(n / bs)
         t0, done_here = time.time(), 0
         mine = [i for i in range(n_batches) if i % world == rank]
         for j, i in enumerate(mine):
             if resume and journal.load(i) is not None:
                 progress(f"{key}: batch {i + 1}/{n_batches} already in the journal, skipped")
                 continue
-            sl = slice(i * cfg.batch_size, min(n, (i + 1) * cfg.batch_size))
+            sl = slice(i * bs, min(n, (i + 1) * bs))
 
             def step(msg, i=i, j=j):
                 el = time.time() - t0
@@ -636,6 +698,7 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
         decisions = {d: det.decision for d, det in dets.items()}
         report["targets"][key] = {
             "target": asdict(t), "model": dep.model.name, "eps_255": round(dep.eps * 255, 3), "n": n,
+            "batch_size": bs,
             "warnings": dep.warnings,
             "attacks": {"pgd": _pgd(t, dep).describe(),
                         **{f"adv2-{nm}": _adv2(t, dep, nm).describe()

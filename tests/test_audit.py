@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from audit.report import SCHEMA_VERSION, ReportError, load_report, render_html
@@ -106,6 +107,8 @@ def test_resume_after_kill_gives_identical_results(full_run, work):
     assert first.exists() and not (work / "killed" / "tiny" / "report.json").exists()
     again = cli("audit", "--config", "tiny.toml", "--out", "killed", cwd=work)
     assert again.returncode == 1 and "--resume" in again.stderr  # never silently overwrites a run
+    other = cli("audit", "--config", "tiny.toml", "--out", "killed", "--resume", "--batch-size", "3", cwd=work)
+    assert other.returncode == 1 and "another configuration" in other.stderr  # the batches must line up
     r = cli("audit", "--config", "tiny.toml", "--out", "killed", "--resume", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "batch 1/2 already in the journal, skipped" in r.stderr
@@ -200,3 +203,37 @@ def test_speed_flags_reach_every_attack_of_the_audit():
     t = cfg.targets[0]
     for atk in (_pgd(t, dep), _adv2(t, dep, "cam"), _adv2(t, dep, "mask")):
         assert atk.precision == "bf16" and atk.compile is True and atk.describe()["compile"] is True
+
+
+def test_auto_batch_size():
+    """fit_batch: the largest power of two whose memory fits the budget, within [1, min(n, cap)]; 'auto' on CPU
+    is 32; the CLI's string form is accepted and bad values are refused."""
+    from audit.cli import resolve_config
+    from audit.runner import AUTO_CPU_BATCH, AuditConfig, AuditError, Deployment, auto_batch_size, fit_batch
+
+    gib = 2 ** 30
+    assert fit_batch(100 * 2 ** 20, 10 * gib, n=10_000) == 64  # 0.7 · 10 GiB / 100 MiB = 71.7 → 64
+    assert fit_batch(100 * 2 ** 20, 10 * gib, n=40) == 32
+    assert fit_batch(10 * gib, 1 * gib, n=100) == 1  # does not fit at all: one at a time
+    assert fit_batch(1.0, 80 * gib, n=10_000) == 1024  # cap
+    assert resolve_config(None, "default", {"batch_size": "auto"}).batch_size == "auto"
+    assert resolve_config(None, "default", {"batch_size": "8"}).batch_size == 8
+    for bad in ("many", 0):
+        with pytest.raises(AuditError, match="batch_size"):
+            AuditConfig(batch_size=bad).validate()
+    dep = Deployment(None, {}, 8 / 255, torch.zeros(100, 1, 28, 28), None, None, None, None, [], None)
+    t = AuditConfig().targets[0]
+    assert auto_batch_size(t, dep) == AUTO_CPU_BATCH
+
+
+def test_resumed_auto_batch_keeps_the_journaled_size(tmp_path):
+    """An 'auto' run resumed on other hardware must cut the batches the journal was written with."""
+    from audit.runner import AuditConfig, AuditError, Deployment, Journal, resolve_batch_size
+
+    dep = Deployment(None, {}, 8 / 255, torch.zeros(100, 1, 28, 28), None, None, None, None, [], None)
+    t, j = AuditConfig().targets[0], Journal(tmp_path, "k")
+    assert resolve_batch_size(AuditConfig(batch_size="auto"), t, dep, j, resume=False) == 32
+    (j.dir / "batch_size").write_text("12")  # as if the first run had chosen 12 on a GPU
+    assert resolve_batch_size(AuditConfig(batch_size="auto"), t, dep, j, resume=True) == 12
+    with pytest.raises(AuditError, match="journaled with batch size 12"):
+        resolve_batch_size(AuditConfig(batch_size=16), t, dep, j, resume=True)
