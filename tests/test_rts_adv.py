@@ -59,3 +59,23 @@ def test_repel_term_adds_its_hinge_to_the_loss(fmnist_resnet, fmnist_test):
     loss, logs = rts_adv_loss(interp, x, y, cfg, torch.Generator().manual_seed(0))
     assert 0 < float(logs["repel"]) <= 2.0
     torch.testing.assert_close(loss - plain, 3.0 * logs["repel"], rtol=1e-5, atol=1e-6)
+
+
+def test_own_encoder_is_trained_saved_and_loaded(fmnist_resnet, fmnist_test, tmp_path):
+    """own_encoder: a copy of the classifier is fine-tuned with the saliency net; the deployed classifier is
+    untouched, the logits are still the classifier's, and RTS.for_model restores the same maps."""
+    x, y = fmnist_test.tensors[0][:32], fmnist_test.tensors[1][:32]
+    cfg = RTSAdvConfig(epochs=1, batch_size=16, lr=1e-3, warm_steps=1, joint_steps=2, limit=32, own_encoder=True)
+    weights = {k: v.clone() for k, v in fmnist_resnet.state_dict().items()}
+    interp, ck = train_rts_adv(fmnist_resnet, TensorDataset(x, y), cfg, start=RTS.for_model(fmnist_resnet))
+    assert interp.encoder is not None and "encoder_state_dict" in ck
+    assert all(torch.equal(weights[k], v) for k, v in fmnist_resnet.state_dict().items())  # classifier untouched
+    moved = [k for k, v in interp.encoder.net.state_dict().items() if not torch.equal(weights["net." + k], v)]
+    assert moved  # the own encoder was trained
+    with torch.no_grad():
+        torch.testing.assert_close(interp(x[:4]).logits, fmnist_resnet(x[:4]))
+    save_checkpoint(ck, tmp_path / "rtsa_own.pt")
+    again = RTS.for_model(fmnist_resnet, tmp_path / "rtsa_own.pt")
+    assert again.encoder is not None
+    with torch.no_grad():
+        torch.testing.assert_close(again(x[:4]).saliency, interp(x[:4]).saliency)

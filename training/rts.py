@@ -64,7 +64,7 @@ def rts_loss(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSConfig,
     shift = torch.randint(1, k, (len(y),), generator=gen)
     c = torch.where(fake, (y.cpu() + shift) % k, y.cpu()).to(y.device)
     fake = fake.to(y.device)
-    with torch.no_grad():
+    with torch.set_grad_enabled(any(p.requires_grad for p in interp.encoder_params())):  # own encoder: trained
         taps, _ = interp.encode(x)
     mask = interp.net(taps, c)  # (B, 1, h, w)
     area = mask.flatten(1).mean(1)
@@ -99,6 +99,8 @@ def train_rts(model, dataset: TensorDataset, cfg: RTSConfig, device: str = "cpu"
         "kind": "rts", "model": model.name, "tap_channels": net.tap_channels, "num_classes": net.num_classes,
         "width": net.width, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "config": cfg.to_dict(),
+        **({} if interp.encoder is None else
+           {"encoder_state_dict": {k: v.detach().cpu() for k, v in interp.encoder.net.state_dict().items()}}),
         "metrics": {"train_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
                     "machine": platform.machine(), "torch": str(torch.__version__)},
     }
@@ -115,7 +117,8 @@ def _fit(interp: RTS, dataset, cfg: RTSConfig, device, progress, loss: Callable 
         return loss(interp, batch[0], batch[1], cfg, gen)
 
     seconds = 0.0
-    phases = [(cfg.phase1_epochs, list(net.selector.parameters())), (cfg.epochs, list(net.parameters()))]
+    phases = [(cfg.phase1_epochs, list(net.selector.parameters())),
+              (cfg.epochs, list(net.parameters()) + interp.encoder_params())]  # + an own encoder (RTS^A)
     for epochs, params in phases:
         if epochs <= 0:
             continue

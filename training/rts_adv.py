@@ -15,6 +15,11 @@ says so directly: the map shown for c_t on an attacked input must stay at least 
 attacker's target, the benign map of y (the paper's "maximise the attacker's interpretation loss").
 
     interp, ck = train_rts_adv(model, train_set, RTSAdvConfig())     # starts from the bundled RTS
+
+``own_encoder=True`` gives RTS^A its own encoder, a copy of the classifier fine-tuned with the saliency
+network (the paper's RTS reads a separate ResNet-50). With the classifier as encoder, ADV² must move the
+very features RTS reads in order to flip the class; an own encoder can learn features that ε-perturbations
+do not move, while the classifier stays the deployed, unchanged one.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class RTSAdvConfig(RTSConfig):
     limit: int | None = 12000
     repel_weight: float = 0.0  # w_rep: push RTS(x_adv, c_t) at least repel_margin away from RTS(x, y)
     repel_margin: float = 0.5  # τ, mean L1 per pixel
+    own_encoder: bool = False  # fine-tune a copy of the classifier as RTS^A's own encoder
 
 
 def _attack_batch(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSAdvConfig,
@@ -79,6 +85,7 @@ def rts_adv_loss(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSAdvConfi
     with torch.no_grad():
         taps_b, _ = interp.encode(torch.cat([xs, xs]))
         anchor = interp.net(taps_b, classes)  # (2n, 1, h, w) benign maps, per class
+    with torch.set_grad_enabled(any(p.requires_grad for p in interp.encoder_params())):  # own encoder: trained
         taps_a, _ = interp.encode(torch.cat([x_adv, x_adv]))
     moved = interp.net(taps_a, classes)
     robust = (moved - anchor).abs().flatten(1).mean(1).mean()
@@ -96,6 +103,12 @@ def train_rts_adv(model, dataset: TensorDataset, cfg: RTSAdvConfig, device: str 
                   progress: Callable[[dict], None] | None = None, start: RTS | None = None) -> tuple[RTS, dict]:
     """Fine-tune an RTS (default: the bundled one for ``model``) into RTS^A; returns it and a checkpoint dict."""
     interp = start or RTS.for_model(model)
+    if cfg.own_encoder and interp.encoder is None:  # start the own encoder from the classifier's weights
+        import copy
+
+        interp = type(interp)(model, copy.deepcopy(interp.net), copy.deepcopy(model).eval())
+    for p in interp.encoder_params():
+        p.requires_grad_(True)
     interp, ck = train_rts(model, dataset, cfg, device=device, progress=progress, interp=interp, loss=rts_adv_loss)
     ck["adversarial"] = True
     return interp, ck

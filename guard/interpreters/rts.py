@@ -10,7 +10,9 @@ U-Net to a mask at 1/4 of the input resolution (56² at 224, 7² at 28):
     a, b = conv1×1(h);  mask = |a| / (|a| + |b|)       # (B, 1, H/4, W/4) in [0, 1]
 
 The logits in the Explanation are the encoder's (= the classifier's) logits, which ADV²-RTS's encoder
-loss uses. Training lives in ``training/rts.py``; bundled checkpoints in ``guard/checkpoints/rts_*.pt``.
+loss uses. An RTS may instead own its encoder (``encoder``: a copy of the classifier, as the paper's RTS
+has its own ResNet-50): then the taps come from the copy, which RTS^A training may fine-tune, and the
+logits from the classifier. Training lives in ``training/rts.py``; bundled checkpoints in ``guard/checkpoints/rts_*.pt``.
 """
 
 from __future__ import annotations
@@ -108,15 +110,26 @@ class SaliencyNet(nn.Module):
 class RTS(Interpreter):
     """Real-time saliency: one forward of the classifier + the saliency network."""
 
-    def __init__(self, model, net: SaliencyNet) -> None:
+    def __init__(self, model, net: SaliencyNet, encoder: nn.Module | None = None) -> None:
         super().__init__(model)
-        self.encode, chans = classifier_encoder(model)
+        self.encoder = encoder  # None: the classifier itself is the encoder
+        own, chans = classifier_encoder(encoder if encoder is not None else model)
         if list(chans) != net.tap_channels:
             raise InterpreterError(f"RTS network expects encoder taps {net.tap_channels}, model {model.name} gives {chans}")
+        if encoder is None:
+            self.encode = own
+        else:
+            def encode(x):  # taps from the RTS's own encoder, logits from the deployed classifier
+                return own(x)[0], model(x)
+            self.encode = encode
         self.net = net.eval()
 
     def modules(self):
-        return (self.model, self.net)
+        return (self.model, self.net) + (() if self.encoder is None else (self.encoder,))
+
+    def encoder_params(self) -> list[nn.Parameter]:
+        """The parameters of an own encoder (empty when the classifier is the encoder, which stays frozen)."""
+        return [] if self.encoder is None else list(self.encoder.parameters())
 
     bundled = "rts_{}.pt"  # checkpoint file name in guard/checkpoints/, per model name
     train_flags = ""  # what `underfire train rts` needs to train this kind
@@ -131,7 +144,18 @@ class RTS(Interpreter):
                 f"`underfire train rts{cls.train_flags} --model {model.name} --out {path}`"
             )
         p = next(model.parameters())
-        return cls(model, load_saliency_net(path, model.name).to(device=p.device, dtype=p.dtype))
+        net, enc_state = load_saliency_net(path, model.name, with_encoder=True)
+        encoder = None
+        if enc_state is not None:
+            import copy
+
+            encoder = copy.deepcopy(model).eval()
+            try:
+                encoder.net.load_state_dict(enc_state)
+            except RuntimeError as exc:
+                raise InterpreterError(f"RTS checkpoint {path}: its encoder does not fit model {model.name}: "
+                                       f"{str(exc)[:300]}") from exc
+        return cls(model, net.to(device=p.device, dtype=p.dtype), encoder)
 
     @classmethod
     def untrained(cls, model, width: int = 64) -> "RTS":
@@ -149,7 +173,8 @@ class RTS(Interpreter):
             return Explanation(logits, self.net(taps, t))
 
 
-def load_saliency_net(path: str | Path, model_name: str | None = None) -> SaliencyNet:
+def load_saliency_net(path: str | Path, model_name: str | None = None, with_encoder: bool = False):
+    """The SaliencyNet of an RTS checkpoint; with ``with_encoder``, (net, the own encoder's state dict or None)."""
     try:
         ck = read_checkpoint(path)
     except ModelError as exc:
@@ -163,7 +188,7 @@ def load_saliency_net(path: str | Path, model_name: str | None = None) -> Salien
         net.load_state_dict(ck["state_dict"])
     except RuntimeError as exc:
         raise InterpreterError(f"RTS checkpoint {path} does not fit its architecture: {str(exc)[:300]}") from exc
-    return net.eval()
+    return (net.eval(), ck.get("encoder_state_dict")) if with_encoder else net.eval()
 
 
 @register("rtsa")
