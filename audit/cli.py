@@ -179,6 +179,8 @@ def train_classifier_cmd(arch: str, epochs: int, batch_size: int, lr: float, see
 @click.option("--repel-weight", default=0.0, show_default=True,
               help="--adversarial: weight of the term that keeps the attacked map away from the attacker's target.")
 @click.option("--repel-margin", default=0.5, show_default=True, help="--adversarial: that term's margin (mean L1).")
+@click.option("--adv-weight", default=2.0, show_default=True,
+              help="--adversarial: weight of the term keeping attacked maps at the benign maps.")
 @click.option("--own-encoder", is_flag=True,
               help="--adversarial: fine-tune a copy of the classifier as RTS^A's own encoder (saved in the checkpoint).")
 @click.option("--seed", default=0, show_default=True)
@@ -186,7 +188,7 @@ def train_classifier_cmd(arch: str, epochs: int, batch_size: int, lr: float, see
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @friendly
 def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area, limit, adversarial, start, eps,
-                  repel_weight, repel_margin, own_encoder, seed, out, device) -> None:
+                  repel_weight, repel_margin, adv_weight, own_encoder, seed, out, device) -> None:
     """Train an RTS saliency network (or RTS^A) for a classifier and report its quality on held-out data."""
     from training.data import ImageFolderDataset, fashion_mnist, stack
     from training.rts import RTSConfig, rts_quality, train_rts
@@ -213,7 +215,7 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
     common = dict(limit=limit, epochs=epochs, batch_size=batch_size, lr=lr, area=area, seed=seed)
     if adversarial:
         cfg = RTSAdvConfig(**common, phase1_epochs=0, eps=eps, repel_weight=repel_weight, repel_margin=repel_margin,
-                           own_encoder=own_encoder)
+                           adv_weight=adv_weight, own_encoder=own_encoder)
         base = RTS.for_model(model, start)
         click.echo(f"training RTS^A for {model.name} from {start or 'the bundled RTS'} on {data} "
                    f"({len(train_set)} images, ε = {eps * 255:.0f}/255) on {device}", err=True)
