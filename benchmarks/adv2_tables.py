@@ -31,10 +31,10 @@ from guard.models import load_model  # noqa: E402
 from training.data import fashion_mnist, photos  # noqa: E402
 
 
-def pick_inputs(model, n: int, seed: int):
+def pick_inputs(model, n: int, seed: int, skip: int = 0):
     if model.input_size[1] == 28:
         x, y = fashion_mnist("test").tensors
-        x, y = x[: n * 2], y[: n * 2]
+        x, y = x[: (n + skip) * 2], y[: (n + skip) * 2]
         pool = fashion_mnist("test").tensors
         pool = (pool[0][5000:7000], pool[1][5000:7000])
     else:
@@ -44,7 +44,7 @@ def pick_inputs(model, n: int, seed: int):
         pool = None
     with torch.no_grad():
         ok = model(x).argmax(1) == y
-    return x[ok][:n], y[ok][:n], pool
+    return x[ok][skip:skip + n], y[ok][skip:skip + n], pool
 
 
 def summarise(r, ref_map, y_t):
@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--model", default="fmnist_resnet")
     ap.add_argument("--interpreters", default="grad,cam,rts")
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--skip", type=int, default=0,
+                    help="skip the first K correctly classified inputs (split one run into parallel shards)")
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--eps", type=float, default=None, help="in 1/255 units (default 24 for 28×28, 8 otherwise)")
     ap.add_argument("--schedule", default="short", choices=["short", "paper"])
@@ -92,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     eps = (args.eps if args.eps is not None else (24 if model.input_size[1] == 28 else 8)) / 255
-    x, y, pool = pick_inputs(model, args.n, args.seed)
+    x, y, pool = pick_inputs(model, args.n, args.seed, args.skip)
     gen = torch.Generator().manual_seed(args.seed)
     y_t = target_classes(y, model.num_classes, gen)
     names = [s.strip() for s in args.interpreters.split(",") if s.strip()]
