@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -290,6 +292,8 @@ def test_loop_reads_nothing_back_per_step(fmnist_resnet, fmnist_test, monkeypatc
     assert count((1, 2)) == count((4, 8))
 
 
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on CPU needs a C compiler")
 def test_compiled_attack_matches_eager(fmnist_resnet, fmnist_test):
     """Attack(compile=True) runs the interpreter through torch.compile: same images, verdicts and maps (CAM);
     GRAD compiles nothing (double backward) and the unrolled MASK lookahead refuses to compile."""

@@ -64,7 +64,7 @@ def rts_loss(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSConfig,
     shift = torch.randint(1, k, (len(y),), generator=gen)
     c = torch.where(fake, (y.cpu() + shift) % k, y.cpu()).to(y.device)
     fake = fake.to(y.device)
-    with torch.set_grad_enabled(any(p.requires_grad for p in interp.encoder_params())):  # own encoder: trained
+    with torch.set_grad_enabled(interp.encoder_trains()):  # own encoder: trained
         taps, _ = interp.encode(x)
     mask = interp.net(taps, c)  # (B, 1, h, w)
     area = mask.flatten(1).mean(1)

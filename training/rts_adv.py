@@ -85,7 +85,7 @@ def rts_adv_loss(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSAdvConfi
     with torch.no_grad():
         taps_b, _ = interp.encode(torch.cat([xs, xs]))
         anchor = interp.net(taps_b, classes)  # (2n, 1, h, w) benign maps, per class
-    with torch.set_grad_enabled(any(p.requires_grad for p in interp.encoder_params())):  # own encoder: trained
+    with torch.set_grad_enabled(interp.encoder_trains()):  # own encoder: trained
         taps_a, _ = interp.encode(torch.cat([x_adv, x_adv]))
     moved = interp.net(taps_a, classes)
     robust = (moved - anchor).abs().flatten(1).mean(1).mean()

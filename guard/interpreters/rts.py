@@ -131,6 +131,10 @@ class RTS(Interpreter):
         """The parameters of an own encoder (empty when the classifier is the encoder, which stays frozen)."""
         return [] if self.encoder is None else list(self.encoder.parameters())
 
+    def encoder_trains(self) -> bool:
+        """Whether an own encoder is being trained (its taps then need a graph)."""
+        return any(p.requires_grad for p in self.encoder_params())
+
     bundled = "rts_{}.pt"  # checkpoint file name in guard/checkpoints/, per model name
     train_flags = ""  # what `underfire train rts` needs to train this kind
 
