@@ -170,6 +170,7 @@ def train_classifier_cmd(arch: str, epochs: int, batch_size: int, lr: float, see
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--area", default=1.0, show_default=True, help="Weight of the area term mean(M)^0.3.")
+@click.option("--destroy", default=1.0, show_default=True, help="Weight of p(class | destroyed input).")
 @click.option("--limit", default=None, type=int, help="Train on the first N training images only.")
 @click.option("--adversarial", is_flag=True,
               help="Train RTS^A: fine-tune an RTS with attacked inputs (PGD / ADV²-RTS) made on the fly.")
@@ -183,12 +184,15 @@ def train_classifier_cmd(arch: str, epochs: int, batch_size: int, lr: float, see
               help="--adversarial: weight of the term keeping attacked maps at the benign maps.")
 @click.option("--own-encoder", is_flag=True,
               help="--adversarial: fine-tune a copy of the classifier as RTS^A's own encoder (saved in the checkpoint).")
+@click.option("--area-match", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="--adversarial: after training, calibrate the mask balance so the mean mask area on 2000 "
+                   "training images is this multiple of the starting RTS's (e.g. 1.05).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file to write (.pt).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @friendly
-def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area, limit, adversarial, start, eps,
-                  repel_weight, repel_margin, adv_weight, own_encoder, seed, out, device) -> None:
+def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area, destroy, limit, adversarial, start,
+                  eps, repel_weight, repel_margin, adv_weight, own_encoder, area_match, seed, out, device) -> None:
     """Train an RTS saliency network (or RTS^A) for a classifier and report its quality on held-out data."""
     from training.data import ImageFolderDataset, fashion_mnist, stack
     from training.rts import RTSConfig, rts_quality, train_rts
@@ -212,10 +216,10 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
         limit = RTSAdvConfig.limit  # every RTS^A batch runs an attack: a subset by default
     if limit is not None:
         train_set = TensorDataset(*(t[:limit] for t in train_set.tensors))
-    common = dict(limit=limit, epochs=epochs, batch_size=batch_size, lr=lr, area=area, seed=seed)
+    common = dict(limit=limit, epochs=epochs, batch_size=batch_size, lr=lr, area=area, destroy=destroy, seed=seed)
     if adversarial:
         cfg = RTSAdvConfig(**common, phase1_epochs=0, eps=eps, repel_weight=repel_weight, repel_margin=repel_margin,
-                           adv_weight=adv_weight, own_encoder=own_encoder)
+                           adv_weight=adv_weight, own_encoder=own_encoder, area_match=area_match)
         base = RTS.for_model(model, start)
         click.echo(f"training RTS^A for {model.name} from {start or 'the bundled RTS'} on {data} "
                    f"({len(train_set)} images, ε = {eps * 255:.0f}/255) on {device}", err=True)

@@ -82,6 +82,10 @@ def main() -> None:
                     help="MASK-ADV²'s interpretation term (attacks/adv2.py MaskAdv2)")
     ap.add_argument("--mask-resolve", type=int, default=None,
                     help="MASK-ADV² re-solves the mask every this many steps (default: stage 2 / 20)")
+    ap.add_argument("--mask-track", type=int, default=2,
+                    help="MASK-ADV²'s Adam steps tracking the mask between re-solves, per attack step")
+    ap.add_argument("--mask-contrast-weight", type=float, default=10.0,
+                    help="weight of MASK-ADV²'s contrast lookahead term")
     ap.add_argument("--targets", default="benign", help="comma list of benign,shapes,other")
     ap.add_argument("--transfer", action="store_true", help="also the transfer matrix (needs ≥2 interpreters)")
     ap.add_argument("--stadv", action="store_true", help="also stAdv vs stAdv-ADV² on CAM")
@@ -106,7 +110,8 @@ def main() -> None:
            "shorten": args.shorten if args.schedule == "short" else 1, "pgd_steps": pgd_steps,
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
            "date": time.strftime("%Y-%m-%d"), "mask_lookahead": args.mask_lookahead,
-           "mask_resolve": args.mask_resolve, "rows": {}}
+           "mask_resolve": args.mask_resolve, "mask_track": args.mask_track,
+           "mask_contrast_weight": args.mask_contrast_weight, "rows": {}}
     t_all = time.time()
     pgd = PGD(eps, steps=pgd_steps)
     pgd_x = torch.cat(batched(lambda s: pgd(interps[names[0]], x[s], y_t[s]).x_adv, len(x), args.batch))
@@ -127,7 +132,8 @@ def main() -> None:
         row["pgd"] = summarise(judge(pgd_x), bm, y_t)
         atk = make_adv2(name, eps, args.schedule, shorten=args.shorten, lam_scale=args.lam_scale,
                         **({"steps": mask_steps} if name == "mask" and mask_steps else {}),
-                        **({"lookahead": args.mask_lookahead, "resolve_every": args.mask_resolve} if name == "mask" else {}))
+                        **({"lookahead": args.mask_lookahead, "resolve_every": args.mask_resolve, "track": args.mask_track,
+                           "contrast_weight": args.mask_contrast_weight} if name == "mask" else {}))
         for kind in args.targets.split(","):
             if kind == "benign":
                 mt = bm

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from guard.interpreters.rts import RTS, load_saliency_net
 from guard.models import save_checkpoint
-from training.rts_adv import RTSAdvConfig, rts_adv_loss, train_rts_adv
+from training.rts_adv import RTSAdvConfig, calibrate_balance, mask_area, rts_adv_loss, train_rts_adv
 
 
 def test_rts_adv_trains_on_real_data_and_round_trips(fmnist_resnet, fmnist_test, tmp_path):
@@ -79,3 +80,27 @@ def test_own_encoder_is_trained_saved_and_loaded(fmnist_resnet, fmnist_test, tmp
     assert again.encoder is not None
     with torch.no_grad():
         torch.testing.assert_close(again(x[:4]).saliency, interp(x[:4]).saliency)
+
+
+def test_area_match_calibrates_the_mask_balance_and_round_trips(fmnist_resnet, fmnist_test, tmp_path):
+    """area_match: after training, the mask balance is set so the area on the calibration images is the asked
+    multiple of the starting RTS's area there; a larger balance gives smaller masks; the checkpoint keeps it."""
+    x, y = fmnist_test.tensors[0][:48], fmnist_test.tensors[1][:48]
+    start = RTS.for_model(fmnist_resnet)
+    area_start = mask_area(start, x[:32], y[:32])
+    cfg = RTSAdvConfig(epochs=1, batch_size=16, warm_steps=1, joint_steps=2, limit=48, area_match=0.8,
+                       calib_images=32)
+    interp, ck = train_rts_adv(fmnist_resnet, TensorDataset(x, y), cfg, start=start)
+    assert ck["balance"] == interp.net.balance > 1.0  # 0.8 × the start's area: masks had to shrink
+    assert abs(mask_area(interp, x[:32], y[:32]) - 0.8 * area_start) < 1e-3
+    cal = ck["metrics"]["area_calibration"]
+    assert cal["images"] == 32 and abs(cal["area_target"] - 0.8 * area_start) < 1e-3
+    save_checkpoint(ck, tmp_path / "rtsa_cal.pt")
+    again = RTS.for_model(fmnist_resnet, tmp_path / "rtsa_cal.pt")
+    assert again.net.balance == interp.net.balance
+    with torch.no_grad():
+        torch.testing.assert_close(again(x[:4]).saliency, interp(x[:4]).saliency)
+    interp.net.balance = 2 * again.net.balance  # monotone: a larger balance, a smaller area
+    assert mask_area(interp, x[:32], y[:32]) < mask_area(again, x[:32], y[:32])
+    with pytest.raises(ValueError, match="cannot calibrate"):
+        calibrate_balance(interp, x[:32], y[:32], area=1.5)

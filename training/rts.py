@@ -3,7 +3,7 @@
 Per image with class c and mask M (upsampled to the input), perturbation blur(x):
 
     preserved = x ⊙ M + blur(x) ⊙ (1 − M)          destroyed = x ⊙ (1 − M) + blur(x) ⊙ M
-    loss = p(c | destroyed) + λ_a · mean(M)^0.3 + λ_s · TV(M) + λ_p · CE(f(preserved), c)
+    loss = λ_d · p(c | destroyed) + λ_a · mean(M)^0.3 + λ_s · TV(M) + λ_p · CE(f(preserved), c)
 
 With probability ``fake_prob`` the class fed to the selector is a wrong one; then only the area and
 smoothness terms apply (the mask for a class that is not there should be empty), which teaches the
@@ -38,6 +38,7 @@ class RTSConfig(TrainConfig):
     area_power: float = 0.3
     smooth: float = 0.5
     preserve: float = 0.3
+    destroy: float = 1.0  # weight of p(c | destroyed)
     fake_prob: float = 0.3
     width: int = 64
     limit: int | None = None  # training images used (None: all); recorded with the checkpoint
@@ -71,7 +72,7 @@ def rts_loss(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSConfig,
     reg = cfg.area * (area + 5e-4).pow(cfg.area_power) + cfg.smooth * _tv(mask)
     p_destroy = interp.model(perturb(x, mask, keep=False)).softmax(1).gather(1, c[:, None]).squeeze(1)
     ce_keep = F.cross_entropy(interp.model(perturb(x, mask, keep=True)), c, reduction="none")
-    real = p_destroy + cfg.preserve * ce_keep
+    real = cfg.destroy * p_destroy + cfg.preserve * ce_keep
     loss = (reg + torch.where(fake, torch.zeros_like(real), real)).mean()
     logs = {"area": area[~fake].mean().detach(), "p_destroy": p_destroy[~fake].mean().detach(),
             "ce_keep": ce_keep[~fake].mean().detach()}
@@ -97,7 +98,7 @@ def train_rts(model, dataset: TensorDataset, cfg: RTSConfig, device: str = "cpu"
     net = interp.net
     ck = {
         "kind": "rts", "model": model.name, "tap_channels": net.tap_channels, "num_classes": net.num_classes,
-        "width": net.width, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "width": net.width, "balance": net.balance, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "config": cfg.to_dict(),
         **({} if interp.encoder is None else
            {"encoder_state_dict": {k: v.detach().cpu() for k, v in interp.encoder.net.state_dict().items()}}),

@@ -24,13 +24,16 @@ do not move, while the classifier stays the deployed, unchanged one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from attacks.adv2 import PGD, Adv2
+from guard.interpreters.base import InterpreterError
 from guard.interpreters.rts import RTS
 from training.rts import RTSConfig, rts_loss, train_rts
 
@@ -50,6 +53,10 @@ class RTSAdvConfig(RTSConfig):
     repel_weight: float = 0.0  # w_rep: push RTS(x_adv, c_t) at least repel_margin away from RTS(x, y)
     repel_margin: float = 0.5  # τ, mean L1 per pixel
     own_encoder: bool = False  # fine-tune a copy of the classifier as RTS^A's own encoder
+    # after training, set the mask balance so the mean mask area on ``calib_images`` training images is this
+    # multiple of the starting RTS's area on them (None: leave it at 1)
+    area_match: float | None = None
+    calib_images: int = 2000
 
 
 def _attack_batch(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSAdvConfig,
@@ -99,6 +106,47 @@ def rts_adv_loss(interp: RTS, x: torch.Tensor, y: torch.Tensor, cfg: RTSAdvConfi
     return loss, logs
 
 
+@torch.no_grad()
+def mask_area(interp: RTS, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
+    """Mean mask area over (x, y) for the true classes, upsampled to the input as rts_quality measures it."""
+    dev = next(interp.net.parameters()).device
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(dev)
+        m = interp(xb, y[i:i + batch_size].to(dev)).saliency
+        total += float(F.interpolate(m, size=xb.shape[-2:], mode="bilinear", align_corners=False).sum())
+    return total / (len(x) * x.shape[-2] * x.shape[-1])
+
+
+@torch.no_grad()
+def calibrate_balance(interp: RTS, x: torch.Tensor, y: torch.Tensor, area: float, iters: int = 30) -> float:
+    """Set ``interp.net.balance`` so that the mean mask area on (x, y) is ``area`` (bisection on its log).
+
+    The evidence maps are computed once; the mask area falls monotonically as the balance grows.
+    """
+    dev = next(interp.net.parameters()).device
+    ab = []
+    for i in range(0, len(x), 250):
+        taps, _ = interp.encode(x[i:i + 250].to(dev))
+        ab.append(interp.net.evidence(taps, y[i:i + 250].to(dev)))
+    ab = torch.cat(ab)
+    hw = x.shape[-2:]
+
+    def area_at(b: float) -> float:
+        interp.net.balance = b
+        return float(F.interpolate(interp.net.mask(ab), size=hw, mode="bilinear", align_corners=False).mean())
+
+    lo, hi = math.log(1 / 64), math.log(64)
+    if not area_at(math.exp(hi)) <= area <= area_at(math.exp(lo)):
+        raise InterpreterError(f"cannot calibrate the RTS mask area to {area:.3f}: balance 1/64 … 64 gives "
+                         f"{area_at(math.exp(hi)):.3f} … {area_at(math.exp(lo)):.3f}")
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if area_at(math.exp(mid)) > area else (lo, mid)
+    interp.net.balance = math.exp((lo + hi) / 2)
+    return interp.net.balance
+
+
 def train_rts_adv(model, dataset: TensorDataset, cfg: RTSAdvConfig, device: str = "cpu",
                   progress: Callable[[dict], None] | None = None, start: RTS | None = None) -> tuple[RTS, dict]:
     """Fine-tune an RTS (default: the bundled one for ``model``) into RTS^A; returns it and a checkpoint dict."""
@@ -109,6 +157,14 @@ def train_rts_adv(model, dataset: TensorDataset, cfg: RTSAdvConfig, device: str 
         interp = type(interp)(model, copy.deepcopy(interp.net), copy.deepcopy(model).eval())
     for p in interp.encoder_params():
         p.requires_grad_(True)
+    xc, yc = (t[:cfg.calib_images] for t in dataset.tensors)
+    area_before = mask_area(interp, xc, yc) if cfg.area_match is not None else None
     interp, ck = train_rts(model, dataset, cfg, device=device, progress=progress, interp=interp, loss=rts_adv_loss)
     ck["adversarial"] = True
+    if cfg.area_match is not None:
+        area_trained = mask_area(interp, xc, yc)
+        ck["balance"] = calibrate_balance(interp, xc, yc, cfg.area_match * area_before)
+        ck["metrics"]["area_calibration"] = {
+            "images": len(xc), "area_start": round(area_before, 4), "area_trained": round(area_trained, 4),
+            "area_target": round(cfg.area_match * area_before, 4), "balance": round(ck["balance"], 4)}
     return interp, ck

@@ -85,9 +85,11 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 class SaliencyNet(nn.Module):
     """Class selector + U-Net upsampler over encoder taps; outputs the RTS mask at the shallowest tap."""
 
-    def __init__(self, tap_channels: list[int], num_classes: int, width: int = 64) -> None:
+    def __init__(self, tap_channels: list[int], num_classes: int, width: int = 64, balance: float = 1.0) -> None:
         super().__init__()
         self.tap_channels, self.num_classes, self.width = list(tap_channels), num_classes, width
+        # mask = |a| / (|a| + balance·|b|): balance > 1 shrinks every mask (RTS^A calibrates its area with it)
+        self.balance = float(balance)
         deep = tap_channels[-1]
         self.selector = nn.Embedding(num_classes, deep)
         nn.init.normal_(self.selector.weight, 1.0, 0.1)
@@ -97,13 +99,19 @@ class SaliencyNet(nn.Module):
         self.out = nn.Conv2d(width, 2, 1)
 
     def forward(self, taps: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:  # -> (B, 1, h, w)
+        return self.mask(self.evidence(taps, t))
+
+    def mask(self, ab: torch.Tensor) -> torch.Tensor:
+        """The mask from the two evidence maps (B, 2, h, w): keep |a| against drop balance·|b|."""
+        return ab[:, :1] / (ab[:, :1] + self.balance * ab[:, 1:] + 1e-6)
+
+    def evidence(self, taps: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:  # -> (B, 2, h, w), ≥ 0
         h = taps[-1] * self.selector(t)[:, :, None, None]  # (B, C, h_d, w_d) class-gated
         h = self.bottom(h)
         for block, skip in zip(self.ups, reversed(taps[:-1])):
             h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             h = block(torch.cat([h, skip], 1))
-        ab = self.out(self.refine(h)).abs()  # (B, 2, h, w)
-        return ab[:, :1] / (ab.sum(1, keepdim=True) + 1e-6)
+        return self.out(self.refine(h)).abs()
 
 
 @register("rts")
@@ -187,7 +195,7 @@ def load_saliency_net(path: str | Path, model_name: str | None = None, with_enco
         raise InterpreterError(f"{path} is not an RTS checkpoint (kind={ck.get('kind')!r})")
     if model_name is not None and ck.get("model") not in (None, model_name):
         raise InterpreterError(f"RTS checkpoint {path} was trained for model {ck['model']!r}, not {model_name!r}")
-    net = SaliencyNet(ck["tap_channels"], ck["num_classes"], ck.get("width", 64))
+    net = SaliencyNet(ck["tap_channels"], ck["num_classes"], ck.get("width", 64), ck.get("balance", 1.0))
     try:
         net.load_state_dict(ck["state_dict"])
     except RuntimeError as exc:
