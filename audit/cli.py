@@ -171,6 +171,8 @@ def train_classifier_cmd(arch: str, epochs: int, batch_size: int, lr: float, see
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--area", default=1.0, show_default=True, help="Weight of the area term mean(M)^0.3.")
 @click.option("--destroy", default=1.0, show_default=True, help="Weight of p(class | destroyed input).")
+@click.option("--fake-prob", default=0.3, show_default=True,
+              help="Share of images whose selector gets a wrong class (their mask should be empty).")
 @click.option("--limit", default=None, type=int, help="Train on the first N training images only.")
 @click.option("--adversarial", is_flag=True,
               help="Train RTS^A: fine-tune an RTS with attacked inputs (PGD / ADV²-RTS) made on the fly.")
@@ -184,6 +186,11 @@ def train_classifier_cmd(arch: str, epochs: int, batch_size: int, lr: float, see
               help="--adversarial: weight of the term keeping attacked maps at the benign maps.")
 @click.option("--own-encoder", is_flag=True,
               help="--adversarial: fine-tune a copy of the classifier as RTS^A's own encoder (saved in the checkpoint).")
+@click.option("--attack-steps", default="5,10", show_default=True,
+              help="--adversarial: PGD warm-start steps, ADV²-RTS joint steps of the attacks made during training.")
+@click.option("--polish-epochs", default=0, show_default=True,
+              help="--adversarial: then this many epochs of the plain RTS loss on the saliency net alone "
+                   "(own encoder frozen).")
 @click.option("--area-match", default=None, type=click.FloatRange(min=0, min_open=True),
               help="--adversarial: after training, calibrate the mask balance so the mean mask area on 2000 "
                    "training images is this multiple of the starting RTS's (e.g. 1.05).")
@@ -191,8 +198,9 @@ def train_classifier_cmd(arch: str, epochs: int, batch_size: int, lr: float, see
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file to write (.pt).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @friendly
-def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area, destroy, limit, adversarial, start,
-                  eps, repel_weight, repel_margin, adv_weight, own_encoder, area_match, seed, out, device) -> None:
+def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area, destroy, fake_prob, limit, adversarial,
+                  start, eps, repel_weight, repel_margin, adv_weight, own_encoder, attack_steps, polish_epochs, area_match,
+                  seed, out, device) -> None:
     """Train an RTS saliency network (or RTS^A) for a classifier and report its quality on held-out data."""
     from training.data import ImageFolderDataset, fashion_mnist, stack
     from training.rts import RTSConfig, rts_quality, train_rts
@@ -216,10 +224,17 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
         limit = RTSAdvConfig.limit  # every RTS^A batch runs an attack: a subset by default
     if limit is not None:
         train_set = TensorDataset(*(t[:limit] for t in train_set.tensors))
-    common = dict(limit=limit, epochs=epochs, batch_size=batch_size, lr=lr, area=area, destroy=destroy, seed=seed)
+    common = dict(limit=limit, epochs=epochs, batch_size=batch_size, lr=lr, area=area, destroy=destroy,
+                  fake_prob=fake_prob, seed=seed)
     if adversarial:
+        try:
+            warm_steps, joint_steps = (int(v) for v in attack_steps.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected WARM,JOINT (two integers), not {attack_steps!r}",
+                                     param_hint="--attack-steps") from None
         cfg = RTSAdvConfig(**common, phase1_epochs=0, eps=eps, repel_weight=repel_weight, repel_margin=repel_margin,
-                           adv_weight=adv_weight, own_encoder=own_encoder, area_match=area_match)
+                           adv_weight=adv_weight, own_encoder=own_encoder, warm_steps=warm_steps,
+                           joint_steps=joint_steps, polish_epochs=polish_epochs, area_match=area_match)
         base = RTS.for_model(model, start)
         click.echo(f"training RTS^A for {model.name} from {start or 'the bundled RTS'} on {data} "
                    f"({len(train_set)} images, ε = {eps * 255:.0f}/255) on {device}", err=True)

@@ -78,3 +78,20 @@ def test_detect_calibrates_then_scores_files(tmp_path):
     assert len(lines) == 6 and "flagged" in r.stdout
     r = run("detect", "--model", "fmnist_densenet", "--thresholds", th, cwd=tmp_path)
     assert r.returncode == 1 and "calibrated for model 'fmnist_resnet'" in r.stderr
+
+
+def test_train_rts_adversarial_with_area_match(tmp_path):
+    """`train rts --adversarial --own-encoder --area-match`: a checkpoint with its encoder and calibrated balance
+    that the `rtsa` interpreter loads, and the quality line."""
+    out = tmp_path / "rtsa.pt"
+    r = run("train", "rts", "--adversarial", "--own-encoder", "--model", "fmnist_resnet", "--limit", "32",
+            "--epochs", "1", "--batch-size", "16", "--area-match", "0.9", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "mean mask area" in r.stdout
+    import torch
+
+    ck = torch.load(out, weights_only=False)
+    assert ck["adversarial"] and "encoder_state_dict" in ck and ck["config"]["area_match"] == 0.9
+    cal = ck["metrics"]["area_calibration"]
+    assert cal["images"] == 32 and ck["balance"] == pytest.approx(cal["balance"], rel=1e-3)
+    assert cal["area_target"] == pytest.approx(0.9 * cal["area_start"], rel=1e-3)

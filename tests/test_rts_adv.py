@@ -104,3 +104,15 @@ def test_area_match_calibrates_the_mask_balance_and_round_trips(fmnist_resnet, f
     assert mask_area(interp, x[:32], y[:32]) < mask_area(again, x[:32], y[:32])
     with pytest.raises(ValueError, match="cannot calibrate"):
         calibrate_balance(interp, x[:32], y[:32], area=1.5)
+
+
+def test_polish_trains_the_head_and_leaves_the_own_encoder(fmnist_resnet, fmnist_test):
+    """polish_epochs: the plain RTS loss on the saliency net alone; the own encoder does not move."""
+    x, y = fmnist_test.tensors[0][:32], fmnist_test.tensors[1][:32]
+    cfg = RTSAdvConfig(epochs=0, polish_epochs=1, batch_size=16, limit=32, own_encoder=True)
+    start = RTS.for_model(fmnist_resnet)
+    head = {k: v.clone() for k, v in start.net.state_dict().items()}
+    interp, ck = train_rts_adv(fmnist_resnet, TensorDataset(x, y), cfg, start=start)
+    assert all(torch.equal(fmnist_resnet.state_dict()["net." + k], v) for k, v in interp.encoder.net.state_dict().items())
+    assert any(not torch.equal(head[k], v) for k, v in ck["state_dict"].items())
+    assert "polish_seconds" in ck["metrics"]
