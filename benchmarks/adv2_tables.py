@@ -82,6 +82,8 @@ def main() -> None:
                     help="MASK-ADV²'s interpretation term (attacks/adv2.py MaskAdv2)")
     ap.add_argument("--mask-resolve", type=int, default=None,
                     help="MASK-ADV² re-solves the mask every this many steps (default: stage 2 / 20)")
+    ap.add_argument("--joint-step", type=float, default=None,
+                    help="stage-2 sign-step size of ADV² against GRAD / CAM / RTS, in 1/255 units (default 1)")
     ap.add_argument("--mask-track", type=int, default=2,
                     help="MASK-ADV²'s Adam steps tracking the mask between re-solves, per attack step")
     ap.add_argument("--mask-contrast-weight", type=float, default=10.0,
@@ -111,7 +113,7 @@ def main() -> None:
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
            "date": time.strftime("%Y-%m-%d"), "mask_lookahead": args.mask_lookahead,
            "mask_resolve": args.mask_resolve, "mask_track": args.mask_track,
-           "mask_contrast_weight": args.mask_contrast_weight, "rows": {}}
+           "mask_contrast_weight": args.mask_contrast_weight, "joint_step_255": args.joint_step, "rows": {}}
     t_all = time.time()
     pgd = PGD(eps, steps=pgd_steps)
     pgd_x = torch.cat(batched(lambda s: pgd(interps[names[0]], x[s], y_t[s]).x_adv, len(x), args.batch))
@@ -133,7 +135,8 @@ def main() -> None:
         atk = make_adv2(name, eps, args.schedule, shorten=args.shorten, lam_scale=args.lam_scale,
                         **({"steps": mask_steps} if name == "mask" and mask_steps else {}),
                         **({"lookahead": args.mask_lookahead, "resolve_every": args.mask_resolve, "track": args.mask_track,
-                           "contrast_weight": args.mask_contrast_weight} if name == "mask" else {}))
+                           "contrast_weight": args.mask_contrast_weight} if name == "mask" else {}),
+                        **({"joint_lr": args.joint_step / 255} if args.joint_step and name != "mask" else {}))
         for kind in args.targets.split(","):
             if kind == "benign":
                 mt = bm

@@ -313,3 +313,17 @@ def test_compiled_attack_matches_eager(fmnist_resnet, fmnist_test):
     assert grad.compiled().model is fmnist_resnet  # nothing compiled
     with pytest.raises(AttackError, match="double backward"):
         make_adv2("mask", 24 / 255, lookahead="unroll", compile=True)
+
+
+def test_joint_step_size_bounds_how_far_stage_two_moves():
+    """Adv2(joint_lr=a): after k stage-2 sign steps from x0 no pixel is more than k·a away (plus rounding)."""
+    model = tiny_classifier()
+    interp = CAM(model)
+    x, y_t = _batch(model, n=4)
+    bm = benign_maps(interp, x)
+    moved = {}
+    for lr in (1 / 255, 0.25 / 255):
+        r = Adv2("cam", eps=8 / 255, steps=(0, 3), joint_lr=lr, select="last", check_every=3)(interp, x, y_t, bm)
+        moved[lr] = float((r.x_adv - x).abs().max()) * 255
+    assert moved[0.25 / 255] <= 1 + 1e-4  # 0.75/255 at most, rounded to the 8-bit grid
+    assert moved[1 / 255] > 1 + 1e-4  # the paper's step moves further in the same 3 steps
