@@ -104,6 +104,7 @@ def test_area_match_calibrates_the_mask_balance_and_round_trips(fmnist_resnet, f
     assert mask_area(interp, x[:32], y[:32]) < mask_area(again, x[:32], y[:32])
     with pytest.raises(ValueError, match="cannot calibrate"):
         calibrate_balance(interp, x[:32], y[:32], area=1.5)
+    assert interp.net.balance == 2 * again.net.balance  # a failed calibration leaves the balance as it was
 
 
 def test_polish_trains_the_head_and_leaves_the_own_encoder(fmnist_resnet, fmnist_test):

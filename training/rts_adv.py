@@ -148,10 +148,12 @@ def calibrate_balance(interp: RTS, x: torch.Tensor, y: torch.Tensor, area: float
         interp.net.balance = b
         return float(F.interpolate(interp.net.mask(ab), size=hw, mode="bilinear", align_corners=False).mean())
 
-    lo, hi = math.log(1 / 64), math.log(64)
-    if not area_at(math.exp(hi)) <= area <= area_at(math.exp(lo)):
+    before, lo, hi = interp.net.balance, math.log(1 / 64), math.log(64)
+    smallest, largest = area_at(math.exp(hi)), area_at(math.exp(lo))
+    if not smallest <= area <= largest:
+        interp.net.balance = before  # left as it came
         raise InterpreterError(f"cannot calibrate the RTS mask area to {area:.3f}: balance 1/64 … 64 gives "
-                         f"{area_at(math.exp(hi)):.3f} … {area_at(math.exp(lo)):.3f}")
+                               f"{largest:.3f} … {smallest:.3f}")
     for _ in range(iters):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if area_at(math.exp(mid)) > area else (lo, mid)
