@@ -19,6 +19,7 @@ best-iterate selection are decided exactly as at full precision.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -77,6 +78,9 @@ class Attack:
         precision: "fp32" (default), or "bf16" / "fp16" for the objective under autocast (GPU speed).
         compile: run the interpreter's ``compile_parts`` through torch.compile (GPU speed; the first steps
             pay the compilation; GRAD compiles nothing, since its attack needs a double backward).
+        track: Adam steps per attack step with which an iterative interpreter (MASK, alone or in an
+            ensemble) continues its previous differentiable explanation instead of solving from scratch
+            (``Interpreter.tracking``); judging still solves from scratch. 0: solve from scratch every step.
     """
 
     name = "attack"
@@ -85,7 +89,7 @@ class Attack:
     def __init__(self, threat, stages: Sequence[Stage], pred_loss="nll", int_loss="mse",
                  extra: Sequence[Extra] = (), check_every: int = 10, min_confidence: float = 0.0,
                  select: str = "best", early_stop: bool = False, seed: int = 0, precision: str = "fp32",
-                 compile: bool = False) -> None:
+                 compile: bool = False, track: int = 5) -> None:
         if select not in ("best", "last"):
             raise AttackError(f"select must be 'best' or 'last', not {select!r}")
         if precision not in PRECISIONS:
@@ -97,7 +101,7 @@ class Attack:
         self.int_loss = INT_LOSSES[int_loss] if isinstance(int_loss, str) else int_loss
         self.extra, self.check_every = list(extra), max(1, check_every)
         self.min_confidence, self.select, self.early_stop, self.seed = min_confidence, select, early_stop, seed
-        self.precision, self.compile = precision, compile
+        self.precision, self.compile, self.track = precision, compile, track
         self.evade: list[Callable[[torch.Tensor], torch.Tensor]] = []  # detectors to evade (attacks/adaptive.py)
         self.adaptive_to: list[dict] = []
         self.stage_index = 0  # the stage the loop is in (extra terms may depend on it)
@@ -119,7 +123,7 @@ class Attack:
             {"steps": s.steps, "rule": s.rule, "lr": s.lr, "lam0": s.schedule()(0),
              "lam_end": s.schedule()(max(s.steps - 1, 0))} for s in self.stages],
             "select": self.select, "min_confidence": self.min_confidence, "check_every": self.check_every,
-            "precision": self.precision, "compile": self.compile,
+            "precision": self.precision, "compile": self.compile, "track": self.track,
             **({"adaptive_to": self.adaptive_to} if self.adaptive_to else {})}
 
     # -- checks --------------------------------------------------------------------------------------------
@@ -219,7 +223,10 @@ class Attack:
         amp = PRECISIONS[self.precision]
         step = 0
         idx = active.nonzero().squeeze(1)  # recomputed only when samples leave (early stop): no sync per step
-        with trusted_inputs():  # x0, y_t, map_t were validated once; no per-step input checks (host syncs)
+        # x0, y_t, map_t were validated once: no per-step input checks (host syncs); MASK (alone or in an
+        # ensemble) continues its previous mask at every differentiable explanation of the loop
+        tracking = interp.tracking(self.track) if self.track > 0 else contextlib.nullcontext()
+        with trusted_inputs(), tracking:
             for self.stage_index, stage in enumerate(self.stages):
                 lam_of = stage.schedule()
                 for i in range(stage.steps):

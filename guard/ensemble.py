@@ -22,6 +22,7 @@ schedule) it flags PGD / ADV²-CAM / ADV²-RTS / ADV²-GRAD 12 / 22 / 23 / 13%, 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Sequence
 
@@ -78,6 +79,14 @@ class InterpreterEnsemble(Interpreter):
 
     def native_size(self, hw):
         return _finest(self.members, hw)
+
+    @contextlib.contextmanager
+    def tracking(self, steps: int):
+        """Every member's tracking block (MASK members continue their previous mask; see ``Mask.tracking``)."""
+        with contextlib.ExitStack() as stack:
+            for m in self.members:
+                stack.enter_context(m.tracking(steps))
+            yield self
 
     def __call__(self, x, target=None):
         return self.explain(x, target)  # every member validates and preserves state itself

@@ -81,3 +81,56 @@ def test_correlation_score_ignores_scale_and_offset_and_has_a_gradient():
     assert ((s["corr"] >= 0) & (s["corr"] <= 2)).all()
     (g,) = torch.autograd.grad(s["corr"].sum(), x)
     assert g.abs().sum() > 0
+
+
+def test_mask_tracking_continues_the_previous_mask_and_judges_from_scratch(fmnist_resnet, fmnist_small):
+    """Inside ``tracking`` a differentiable MASK explanation takes ``steps`` Adam steps from the previous one
+    (what an attack through an ensemble with a MASK member needs); a judging call still solves from scratch."""
+    x = fmnist_small[0][:3]
+    mask = build_interpreter("mask", fmnist_resnet, steps=20, unroll=2, deterministic=True)
+    calls = []
+    hook = fmnist_resnet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        deployed = mask(x).saliency
+        x2 = (x + 0.01).clamp(0, 1)
+        with mask.tracking(3):
+            first = mask(x.clone().requires_grad_(True))
+            calls.clear()
+            second = mask(x2.clone().requires_grad_(True))
+            tracked_calls = len(calls)
+            judged = mask(x).saliency
+        calls.clear()
+        mask(x2.clone().requires_grad_(True))  # the block is over: from scratch again
+        fresh_calls = len(calls)
+    finally:
+        hook.remove()
+    t = fmnist_resnet(x).argmax(1)
+    m, st = mask.solve(x, t)
+    m, st = mask.solve(x2, t, steps=3, m0=m, state=st)
+    m, _ = mask.solve(x2, t, steps=2, m0=m, state=st, create_graph=True)
+    torch.testing.assert_close(second.saliency, 1 - m)
+    assert first.saliency.requires_grad and second.saliency.requires_grad
+    assert tracked_calls < fresh_calls - 15  # 3 + 2 steps instead of 20 + 2
+    torch.testing.assert_close(judged, deployed)
+    with pytest.raises(InterpreterError, match="at least one step"):
+        with mask.tracking(0):
+            pass
+
+
+def test_an_attack_tracks_a_mask_member_of_an_ensemble(fmnist_resnet, fmnist_small):
+    x, y = fmnist_small
+    ens = InterpreterEnsemble([build_interpreter("cam", fmnist_resnet),
+                               build_interpreter("mask", fmnist_resnet, steps=30, unroll=1)])
+    calls = []
+    hook = fmnist_resnet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        counts = {}
+        for track in (0, 2):
+            calls.clear()
+            r = Adv2("ensemble", 24 / 255, steps=(1, 6), check_every=6, track=track)(
+                ens, x[:2], (y[:2] + 1) % 10, ens(x[:2]).saliency)
+            counts[track] = len(calls)
+    finally:
+        hook.remove()
+    assert r.explanation.saliency.shape == (2, 1, 14, 14)
+    assert counts[0] - counts[2] >= 5 * 25  # joint steps 2–6: 2 tracked MASK steps each instead of a 30-step solve

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +154,12 @@ class Interpreter:
     def native_size(self, hw: tuple[int, int]) -> tuple[int, int]:
         """The (h, w) of the saliency map for inputs of spatial size ``hw``."""
         raise NotImplementedError
+
+    def tracking(self, steps: int) -> ContextManager["Interpreter"]:
+        """A block in which differentiable explanations of an iterative interpreter (MASK) continue the previous
+        one for ``steps`` optimisation steps instead of solving from scratch (an attack's inner loop; see
+        ``Mask.tracking``). A no-op for interpreters computed in one pass."""
+        return contextlib.nullcontext(self)
 
     @staticmethod
     def upsample(saliency: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:

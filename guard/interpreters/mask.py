@@ -17,13 +17,14 @@ lookahead). Adam is written out functionally so the unrolled steps are ordinary 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from guard.interpreters.base import Explanation, Interpreter, pick_target, register
+from guard.interpreters.base import Explanation, Interpreter, InterpreterError, pick_target, register
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -167,14 +168,39 @@ class Mask(Interpreter):
                 path.append(m)
         return m, (ea, eas, k)
 
+    @contextlib.contextmanager
+    def tracking(self, steps: int):
+        """Inside the block, a differentiable explanation (x.requires_grad) continues Adam for ``steps`` steps
+        from the previous differentiable explanation of the same batch and classes, instead of solving
+        ``cfg.steps`` from scratch; the ``unroll`` graph steps follow as usual. This is MASK-ADV²'s mask
+        tracking for attacks that see MASK as one interpreter among others (an ensemble member): an attack
+        step moves x little, so the previous mask is a near-optimal start. Explanations without a gradient
+        (an attack judging its iterates, a detector's decision) still solve from scratch with the seeded
+        jitter, so what is judged is the deployed map. The tracked masks are dropped when the block ends."""
+        if steps < 1:
+            raise InterpreterError(f"MASK tracking needs at least one step per call, got {steps}")
+        prev, self._tracked = getattr(self, "_tracked", None), {"steps": steps, "masks": {}}
+        try:
+            yield self
+        finally:
+            self._tracked = prev
+
     def explain(self, x, target):
         second_order = x.requires_grad and torch.is_grad_enabled()
         gen = self.jitter_generator()
         with torch.no_grad():
             logits0 = self.model(x)
         t = pick_target(logits0, target)
+        tracked = getattr(self, "_tracked", None) if second_order else None
+        key = (tuple(x.shape), tuple(t.tolist())) if tracked is not None else None
         with torch.enable_grad():
-            m, state = self.solve(x.detach(), t, gen=gen)
+            if tracked is not None and key in tracked["masks"]:
+                m0, state = tracked["masks"][key]
+                m, state = self.solve(x.detach(), t, steps=tracked["steps"], m0=m0, state=state)
+            else:
+                m, state = self.solve(x.detach(), t, gen=gen)
+            if tracked is not None:
+                tracked["masks"][key] = (m, state)
             if second_order and self.cfg.unroll > 0:
                 m, _ = self.solve(x, t, steps=self.cfg.unroll, m0=m, state=state, create_graph=True, gen=gen)
         if second_order:
