@@ -99,6 +99,12 @@ def test_mask_tracking_continues_the_previous_mask_and_judges_from_scratch(fmnis
             second = mask(x2.clone().requires_grad_(True))
             tracked_calls = len(calls)
             judged = mask(x).saliency
+            calls.clear()
+            again = mask(x).saliency  # the same tensor judged again (attack, then detector): no second solve
+            assert len(calls) == 0 and again is judged
+            x.add_(0)  # modified in place: solved again
+            mask(x)
+            assert len(calls) > 20
         calls.clear()
         mask(x2.clone().requires_grad_(True))  # the block is over: from scratch again
         fresh_calls = len(calls)

@@ -176,7 +176,9 @@ class Mask(Interpreter):
         tracking for attacks that see MASK as one interpreter among others (an ensemble member): an attack
         step moves x little, so the previous mask is a near-optimal start. Explanations without a gradient
         (an attack judging its iterates, a detector's decision) still solve from scratch with the seeded
-        jitter, so what is judged is the deployed map. The tracked masks are dropped when the block ends."""
+        jitter, so what is judged is the deployed map; the same unmodified tensor judged again (the attack's
+        verdict, then a detector's, on one iterate) reuses that solve. Everything is dropped when the block
+        ends."""
         if steps < 1:
             raise InterpreterError(f"MASK tracking needs at least one step per call, got {steps}")
         prev, self._tracked = getattr(self, "_tracked", None), {"steps": steps, "masks": {}}
@@ -187,23 +189,30 @@ class Mask(Interpreter):
 
     def explain(self, x, target):
         second_order = x.requires_grad and torch.is_grad_enabled()
+        tracked = getattr(self, "_tracked", None)
+        if tracked is not None and not second_order:
+            last = tracked.get("judged")  # the same unmodified tensor judged twice (the attack, then a detector)
+            if last is not None and last[0] is x and last[1] == x._version and last[2] is target:
+                return last[3]
         gen = self.jitter_generator()
         with torch.no_grad():
             logits0 = self.model(x)
         t = pick_target(logits0, target)
-        tracked = getattr(self, "_tracked", None) if second_order else None
         key = (tuple(x.shape), tuple(t.tolist())) if tracked is not None else None
         with torch.enable_grad():
-            if tracked is not None and key in tracked["masks"]:
+            if second_order and tracked is not None and key in tracked["masks"]:
                 m0, state = tracked["masks"][key]
                 m, state = self.solve(x.detach(), t, steps=tracked["steps"], m0=m0, state=state)
             else:
                 m, state = self.solve(x.detach(), t, gen=gen)
-            if tracked is not None:
+            if second_order and tracked is not None:
                 tracked["masks"][key] = (m, state)
             if second_order and self.cfg.unroll > 0:
                 m, _ = self.solve(x, t, steps=self.cfg.unroll, m0=m, state=state, create_graph=True, gen=gen)
         if second_order:
             logits = self.model(x)
             return Explanation(logits, 1 - m)
-        return Explanation(logits0, (1 - m).detach())
+        e = Explanation(logits0, (1 - m).detach())
+        if tracked is not None:
+            tracked["judged"] = (x, x._version, target, e)
+        return e
