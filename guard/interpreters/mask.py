@@ -198,14 +198,15 @@ class Mask(Interpreter):
         with torch.no_grad():
             logits0 = self.model(x)
         t = pick_target(logits0, target)
-        key = (tuple(x.shape), tuple(t.tolist())) if tracked is not None else None
+        track = second_order and tracked is not None
+        key = (tuple(x.shape), tuple(t.tolist())) if track else None  # same batch, same explained classes
         with torch.enable_grad():
-            if second_order and tracked is not None and key in tracked["masks"]:
+            if track and key in tracked["masks"]:
                 m0, state = tracked["masks"][key]
                 m, state = self.solve(x.detach(), t, steps=tracked["steps"], m0=m0, state=state)
             else:
                 m, state = self.solve(x.detach(), t, gen=gen)
-            if second_order and tracked is not None:
+            if track:
                 tracked["masks"][key] = (m, state)
             if second_order and self.cfg.unroll > 0:
                 m, _ = self.solve(x, t, steps=self.cfg.unroll, m0=m, state=state, create_graph=True, gen=gen)
