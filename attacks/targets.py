@@ -25,9 +25,9 @@ def target_classes(y: torch.Tensor, num_classes: int, gen: torch.Generator | Non
 
 
 @torch.no_grad()
-def benign_maps(interp, x: torch.Tensor) -> torch.Tensor:
-    """The interpreter's own map of x (for its predicted class): (B, 1, h, w)."""
-    return interp(x).saliency.detach()
+def benign_maps(interp, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """The interpreter's own map of x for class ``target`` (None: its predicted class): (B, 1, h, w)."""
+    return interp(x, target).saliency.detach()
 
 
 def random_shapes(n: int, size: tuple[int, int], gen: torch.Generator | None = None,

@@ -21,18 +21,38 @@ from guard.interpreters.base import InterpreterError
 from guard.models import ModelError, list_models, load_model, save_checkpoint
 from training.data import DataError
 
-KNOWN_ERRORS = (ModelError, DataError, InterpreterError, ValueError, FileNotFoundError)
+KNOWN_ERRORS = (ModelError, DataError, InterpreterError, ValueError, OSError)
+EXIT_CODES = """Exit status: 0 the audit measured the deployment (and it is within --fail-above); 1 an error
+(bad setting, model, data or folder; one 'Error:' line); 2 a usage error of the command line; 3 the
+headline spoofability is above --fail-above; 4 the audit could not measure the deployment (refused before
+the attacks, or a target marked INCONCLUSIVE after them) and passes no gate."""
+
+
+class CliError(click.ClickException):
+    """One 'Error:' line with the exit status the error carries (1, or 4 for a refused audit)."""
+
+    def __init__(self, exc: Exception) -> None:
+        msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else \
+            f"{exc.strerror or exc}: {exc.filename}"
+        super().__init__(msg)
+        self.exit_code = getattr(exc, "exit_code", 1)
 
 
 def friendly(fn):
-    """Turn the library's known errors into one clear line and exit status 1."""
+    """Turn the library's known errors (and OS errors) into one clear line and their exit status; with -v the
+    traceback too."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except KNOWN_ERRORS as exc:
-            raise click.ClickException(str(exc)) from exc
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and ctx.find_root().params.get("verbose"):
+                import traceback
+
+                traceback.print_exc()
+            raise CliError(exc) from exc
 
     return wrapper
 
@@ -255,7 +275,8 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
 # ------------------------------------------------------------------------------------------------------------
 # audit, reproduce, detect
 # ------------------------------------------------------------------------------------------------------------
-TARGET_FLAGS = ("model", "weights", "interpreters", "data", "n", "eps", "attacks", "defenses", "schedule", "shorten")
+TARGET_FLAGS = ("model", "weights", "interpreters", "data", "n", "eps", "attacks", "defenses", "schedule", "shorten",
+                "outputs")
 
 
 def _csv(v: str | None) -> list[str] | None:
@@ -290,7 +311,7 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
         cfg.targets = [Target(**tflags)]
     else:
         cfg.targets = [dataclasses.replace(t, **tflags) for t in cfg.targets]
-    for k in ("name", "batch_size", "seed", "fpr", "device", "precision", "channels_last", "compile"):
+    for k in ("name", "batch_size", "seed", "fpr", "device", "precision", "channels_last", "compile", "min_pgd_asr"):
         if flags.get(k) is not None:
             setattr(cfg, k, flags[k])
     cfg.validate()
@@ -299,11 +320,17 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
 
 def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_above: float | None,
              name_given: bool = True) -> None:
+    """Run an audit into ``out/<name>`` (locked; ``--overwrite`` swaps the new run in only once it has finished)
+    and exit with the documented status: 0 measured and within --fail-above, 3 above it, 4 inconclusive."""
     import json
 
-    from audit.report import summary_rows, summary_text, write_report
-    from audit.runner import AuditError, prepare_run_dir, run_audit
+    from audit.report import summary_text, summary_rows, write_report
+    from audit.rundir import RunFolder, check_writable
+    from audit.runner import AuditError, config_diff, run_audit
 
+    if fail_above is not None and not 0 <= fail_above <= 1:
+        raise AuditError(f"--fail-above is a spoofability in [0, 1] (0.2 means 20%), got {fail_above:g}")
+    check_writable(out)
     run_dir = out / cfg.name
     rank = int(os.environ.get("RANK", 0))
     if not (name_given or resume or overwrite) and "RANK" not in os.environ and (run_dir / "report.json").is_file():
@@ -311,42 +338,48 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
         click.echo(f"{run_dir} holds a finished report; this run goes to {out / cfg.name}", err=True)
         run_dir = out / cfg.name
     resolved = cfg.to_dict()
-    if rank == 0:
-        prepare_run_dir(run_dir, resume, overwrite)
-        cfg_file = run_dir / "config.json"
-        if resume and cfg_file.is_file() and json.loads(cfg_file.read_text()) != resolved:
-            raise AuditError(f"{run_dir} was started with another configuration ({cfg_file}); resume it with the "
-                             f"same settings, or --overwrite")
-        tmp = cfg_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(resolved, indent=1))
-        os.replace(tmp, cfg_file)
-    else:
-        import time as _t
-        for _ in range(600):  # wait for rank 0 to set the folder up
-            if (run_dir / "config.json").is_file():
-                break
-            _t.sleep(0.1)
-
-    def progress(msg: str) -> None:
+    with RunFolder(run_dir, resume, overwrite, lock=rank == 0) as rf:
+        cfg_file = rf.work / "config.json"
         if rank == 0:
-            click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
+            if resume:
+                saved = json.loads(cfg_file.read_text())
+                flat = lambda c: {**{k: v for k, v in c.items() if k not in ("targets", "device", "compile")},  # noqa: E731
+                                  **{f"targets[{i}].{k}": v for i, t in enumerate(c["targets"]) for k, v in t.items()}}
+                if diff := config_diff(flat(saved), flat(resolved)):
+                    raise AuditError(f"{run_dir} was started with another configuration ({'; '.join(diff)}): resume it "
+                                     f"with the same settings, or --overwrite")
+            tmp = cfg_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(resolved, indent=1))
+            os.replace(tmp, cfg_file)
+        else:
+            for _ in range(600):  # wait for rank 0 to set the folder up
+                if cfg_file.is_file():
+                    break
+                time.sleep(0.1)
 
-    try:
-        report = run_audit(cfg, run_dir, resume=resume, progress=progress)
-    except BaseException:
-        if rank == 0 and not resume and not any((run_dir / "journal").rglob("batch_*.json")):
-            shutil.rmtree(run_dir, ignore_errors=True)  # failed before any result: leave nothing behind
-        raise
-    if report is None:
-        return
-    js, page = write_report(report, run_dir)
+        def progress(msg: str) -> None:
+            if rank == 0:
+                click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
+
+        report = run_audit(cfg, rf.work, resume=resume, progress=progress)
+        if report is None:
+            return
+        write_report(report, rf.work)
+        rf.commit()
+    js, page = run_dir / "report.json", run_dir / "report.html"
+    head = report["headline"]
     if as_json:
-        click.echo(json.dumps({"headline": report["headline"], "report": str(js), "html": str(page),
+        click.echo(json.dumps({"headline": head, "report": str(js), "html": str(page),
                                "rows": summary_rows(report)}, indent=1))
     else:
         click.echo(summary_text(report))
         click.echo(f"\nreport: {page}\nrecord: {js}")
-    score = report["headline"]["spoofability"]
+    if head["status"] == "inconclusive":
+        for r in head["inconclusive"]:
+            click.echo(f"INCONCLUSIVE: {r}", err=True)
+        click.echo("INCONCLUSIVE: this run did not measure the deployment; it passes no gate (exit status 4)", err=True)
+        sys.exit(4)
+    score = head["spoofability"]
     if fail_above is not None and score > fail_above:
         click.echo(f"FAIL: spoofability {score:.0%} is above --fail-above {fail_above:.0%}", err=True)
         sys.exit(3)
@@ -357,7 +390,11 @@ def _audit_options(fn):
         click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="TOML file with audit settings and [[targets]] (flags override it)."),
         click.option("--model", help="Audit one deployment: bundled name, torchvision:<arch>, file.pt or module:function."),
-        click.option("--weights", help="Weights for torchvision:<arch> (enum name or state_dict file)."),
+        click.option("--weights", help="Weights for torchvision:<arch>: enum name, state_dict file, or 'random' "
+                                       "(an untrained net, on purpose; without --weights the audit refuses)."),
+        click.option("--outputs", type=click.Choice(["logits", "probs"]),
+                     help="What the model returns; 'probs' (softmax probabilities) makes the audit take their log. "
+                          "Default logits (a model returning probabilities is refused)."),
         click.option("--interpreters", help="Comma list, e.g. grad,cam,rts,mask."),
         click.option("--data", help="fashion-mnist, photos, or an ImageFolder root."),
         click.option("--n", type=int, help="Inputs to audit per target."),
@@ -380,14 +417,17 @@ def _audit_options(fn):
         click.option("--resume", is_flag=True, help="Continue a killed run from its per-batch journal."),
         click.option("--overwrite", is_flag=True, help="Replace an existing run folder."),
         click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout."),
-        click.option("--fail-above", type=float, help="Exit with status 3 when the headline spoofability exceeds this (0–1)."),
+        click.option("--fail-above", type=float,
+                     help="Exit with status 3 when the headline spoofability exceeds this (in [0, 1])."),
+        click.option("--min-pgd-asr", type=float,
+                     help="A target whose plain PGD reaches fewer of its inputs is INCONCLUSIVE (default 0.5)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
 
 
-@main.command("audit")
+@main.command("audit", epilog=EXIT_CODES)
 @_audit_options
 @friendly
 def audit_cmd(config, out, resume, overwrite, as_json, fail_above, **flags) -> None:
@@ -401,7 +441,7 @@ def audit_cmd(config, out, resume, overwrite, as_json, fail_above, **flags) -> N
     _execute(cfg, out, resume, overwrite, as_json, fail_above, name_given=flags.get("name") is not None)
 
 
-@main.command("reproduce")
+@main.command("reproduce", epilog=EXIT_CODES)
 @click.argument("experiment", type=click.Choice(["table3", "table4", "table6_8", "table9", "rtsa"]))
 @_audit_options
 @friendly
@@ -429,6 +469,7 @@ def reproduce_cmd(experiment, config, out, resume, overwrite, as_json, fail_abov
 @friendly
 def detect_cmd(inputs, model_name, calibrate_n, data, fpr, thresholds) -> None:
     """Feature-squeezing detection: calibrate thresholds, and/or score images, folders or a saved .pt batch."""
+    from guard.interpreters.base import check_input
     from guard.squeeze import SqueezeDetector
     from training.data import load_images
 
@@ -460,7 +501,17 @@ def detect_cmd(inputs, model_name, calibrate_n, data, fpr, thresholds) -> None:
             x = obj["x_adv"] if isinstance(obj, dict) else obj
             if not isinstance(x, torch.Tensor) or x.ndim != 4:
                 raise DataError(f"{p} must hold a (B, C, H, W) tensor or a dict with 'x_adv'")
-            tensors.append(x.float())
+            if not x.is_floating_point():
+                raise DataError(f"{p} holds a {x.dtype} tensor; expected float images in [0, 1]")
+            x = x.float()
+            try:
+                check_input(x, model)  # shape, channels, finite, range: what cannot be scored is never "benign"
+            except InterpreterError as exc:
+                raise DataError(f"{p}: {exc}") from None
+            if tuple(x.shape[-2:]) != tuple(model.input_size[1:]):
+                raise DataError(f"{p}: images are {x.shape[-2]}×{x.shape[-1]}, model {model.name} takes "
+                                f"{model.input_size[1]}×{model.input_size[2]}")
+            tensors.append(x)
             names += [f"{p.name}[{i}]" for i in range(len(x))]
         else:
             x, n = load_images([p], size=model.input_size[1], channels=model.input_size[0])

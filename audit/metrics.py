@@ -6,6 +6,9 @@ aggregation (mean, std, bootstrap CI) happens once, in the runner.
     l1         mean |m − m'| per pixel, maps at a common resolution       lower = maps closer
     iou_at_k   IoU of the top-k% pixels of the two maps                  higher = maps closer
     iou_curve  IoU over k ∈ {5, 10, …, 95}%; iou_mean its mean
+
+Rates (ASR, detection, spoofability) are counts out of n and carry exact binomial intervals
+(:func:`rate`, Clopper–Pearson); means of continuous scores carry a bootstrap interval (in the runner).
 """
 
 from __future__ import annotations
@@ -26,6 +29,21 @@ class Score:
     fn: Callable[..., torch.Tensor]
     higher_is_better: bool
     doc: str
+
+
+def rate(k: int, n: int, level: float = 0.95) -> dict:
+    """A rate k/n with its exact (Clopper–Pearson) interval, from scipy.stats.binomtest.
+
+    ``{"mean": k/n, "k": k, "n": n, "ci95": [lo, hi], "interval": "clopper-pearson"}``; 8/8 gives
+    [0.631, 1.0]. n = 0 gives mean None and no interval (nothing was measured).
+    """
+    from scipy.stats import binomtest
+
+    k, n = int(k), int(n)
+    if n == 0:
+        return {"mean": None, "k": 0, "n": 0, "ci95": None, "interval": "clopper-pearson"}
+    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="exact")
+    return {"mean": k / n, "k": k, "n": n, "ci95": [float(ci.low), float(ci.high)], "interval": "clopper-pearson"}
 
 
 def attack_success(logits: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:

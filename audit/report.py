@@ -73,7 +73,7 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: exact rate intervals, τ over several draws per input, status, journal fingerprints
 ATTACK_LABELS = {"pgd": "PGD", "adv2": "ADV²", "adaptive-squeeze": "ADV²* vs squeezing",
                  "adaptive-ensemble": "ADV²* vs ensemble", "stadv2": "stAdv-ADV²",
                  "adv2-shapes": "ADV² → shape map†", "adv2-other": "ADV² → other-class map†"}
@@ -149,31 +149,54 @@ def summary_rows(report: dict) -> list[dict]:
             for atk, r in a.items():
                 if not isinstance(r, dict) or "asr" not in r:
                     continue
-                det = {f"{d}:{k}": v for d, flags in r["detection"].items() for k, v in flags.items()}
+                det = {f"{d}:{k}": v["mean"] for d, flags in r["detection"].items() for k, v in flags.items()}
                 rows.append({"target": key, "interpreter": name, "attack": atk, "asr": r["asr"]["mean"],
-                             "mc": r["mc"]["mean"], "l1": r["l1"]["mean"], "l1_ci95": r["l1"]["ci95"],
-                             "iou": r["iou"]["mean"], "detection": det})
+                             "asr_ci95": r["asr"]["ci95"], "mc": r["mc"]["mean"], "l1": r["l1"]["mean"],
+                             "l1_ci95": r["l1"]["ci95"], "iou": r["iou"]["mean"], "detection": det})
     return rows
 
 
+def _rate(r: dict | None) -> str:
+    """'75% [41–93%]': a rate with its exact 95% interval."""
+    if not r or r.get("mean") is None:
+        return "–"
+    lo, hi = r["ci95"]
+    return f"{r['mean']:.0%} [{lo:.0%}–{hi:.0%}]"
+
+
+def headline_text(report: dict) -> str:
+    h = report["headline"]
+    if h["spoofability"] is None:
+        return "headline spoofability not measured (INCONCLUSIVE)"
+    text = f"headline spoofability {_rate({'mean': h['spoofability'], 'ci95': h['ci95']})} ({h['where']})"
+    return text + (" — INCONCLUSIVE" if h["status"] == "inconclusive" else "")
+
+
 def summary_text(report: dict) -> str:
-    lines = [f"underfire audit {report['name']!r}: headline spoofability "
-             f"{report['headline']['spoofability']:.0%} ({report['seconds']:.0f}s, {report['environment']['device']})"]
+    lines = [f"underfire audit {report['name']!r}: {headline_text(report)} "
+             f"({report['seconds']:.0f}s, {report['environment']['device']})"]
     for key, tg in report["targets"].items():
         lines.append(f"\n{key} (n = {tg['n']}, ε = {tg['eps_255']:g}/255)")
         for w in tg["warnings"]:
             lines.append(f"  ! {w}")
-        lines.append(f"  {'interpreter':<12}{'attack':<24}{'ASR':>6}{'L1':>8}{'IoU':>7}  detected (decision)")
+        for r in tg["status"]["reasons"]:
+            lines.append(f"  INCONCLUSIVE: {r}")
+        lines.append(f"  {'interpreter':<12}{'attack':<24}{'ASR [95% CI]':>16}{'L1':>8}{'IoU':>7}  detected (decision)")
         for r in summary_rows({"targets": {key: tg}}):
             dets = ", ".join(f"{d} {_fmt(r['detection'].get(d + ':' + v['decision']), True)}"
                              for d, v in tg["detectors"].items())
+            asr = _rate({"mean": r["asr"], "ci95": r["asr_ci95"]})
             lines.append(f"  {r['interpreter']:<12}{ATTACK_LABELS.get(r['attack'], r['attack']):<24}"
-                         f"{_fmt(r['asr'], True):>6}{_fmt(r['l1']):>8}{_fmt(r['iou']):>7}  {dets}")
+                         f"{asr:>16}{_fmt(r['l1']):>8}{_fmt(r['iou']):>7}  {dets}")
         for name, a in tg["summary"]["interpreters"].items():
-            extra = "".join(f", under {k.split('_', 1)[1]} {v:.0%}" for k, v in a.items() if k.startswith("spoofability_"))
+            extra = "".join(f", under {k.split('_', 1)[1]} {_rate(v)}" for k, v in a.items()
+                            if k.startswith("spoofability_"))
             if "spoofability" in a:
-                ref = f", PGD within τ {a['pgd_within_tau']:.0%}" if "pgd_within_tau" in a else ""
-                lines.append(f"  spoofability {name}: {a['spoofability']:.0%} (τ = {a['tau']:.3f}{ref}){extra}")
+                te = a["tau_estimate"]
+                ref = f", PGD within τ {_rate(a['pgd_within_tau'])}" if "pgd_within_tau" in a else ""
+                lines.append(f"  spoofability {name}: {_rate(a['spoofability'])} (τ = {a['tau']:.3f} "
+                             f"[{te['ci95'][0]:.3f}–{te['ci95'][1]:.3f}]{ref}){extra}")
+    lines.append("\n[a–b]: exact (Clopper–Pearson) 95% intervals of rates; τ [a–b]: bootstrap interval over inputs")
     return "\n".join(lines)
 
 
@@ -265,14 +288,14 @@ def _examples_html(tg: dict) -> str:
 
 def _table(tg: dict) -> str:
     dets = tg["detectors"]
-    head = ("<tr><th>interpreter</th><th>attack</th><th>ASR</th><th>MC</th><th>L1 to benign (95% CI)</th>"
+    head = ("<tr><th>interpreter</th><th>attack</th><th>ASR [exact 95% CI]</th><th>MC</th><th>L1 to benign (95% CI)</th>"
             "<th>IoU</th>" + "".join(f"<th>detected by {d}</th>" for d in dets) + "</tr>")
     body = []
     for r in summary_rows({"targets": {"t": tg}}):
         ci = r["l1_ci95"]
         det = "".join(f"<td>{_fmt(r['detection'].get(d + ':' + v['decision']), True)}</td>" for d, v in dets.items())
         body.append(f"<tr><td class=l>{r['interpreter'].upper()}</td><td class=l>{ATTACK_LABELS.get(r['attack'], r['attack'])}"
-                    f"</td><td>{_fmt(r['asr'], True)}</td><td>{_fmt(r['mc'])}</td><td>{_fmt(r['l1'])} "
+                    f"</td><td>{_rate({'mean': r['asr'], 'ci95': r['asr_ci95']})}</td><td>{_fmt(r['mc'])}</td><td>{_fmt(r['l1'])} "
                     f"<small>[{_fmt(ci[0]) if ci else '–'}, {_fmt(ci[1]) if ci else '–'}]</small></td>"
                     f"<td>{_fmt(r['iou'])}</td>{det}</tr>")
     note = ""
@@ -315,10 +338,18 @@ def render_html(report: dict) -> str:
              f"<p><small>{html.escape(env['date'])} · {html.escape(env['device'])} · torch {env['torch']} · "
              f"underfire {env['underfire']} (git {env['git']}) · {report['seconds']:.0f}s · schema "
              f"v{report['schema_version']}</small></p>"]
-    h = report["headline"]["spoofability"]
-    parts.append(f"<p style='font-size:1.3em'>Headline spoofability: <span class='{_severity(h)}'>"
-                 f"{h:.0%}</span> of audited inputs can be pushed to the attacker's class while the map stays "
-                 f"within benign noise.</p><p><small>{html.escape(report['definitions']['spoofability'])}</small></p>")
+    h = report["headline"]
+    if h["status"] == "inconclusive":
+        items = "".join(f"<li>{html.escape(r)}</li>" for r in h["inconclusive"])
+        parts.append(f"<p class='warn' style='font-size:1.2em'><b>INCONCLUSIVE</b>: this run did not measure the "
+                     f"deployment, so its numbers show no safety and it passes no gate (exit status 4).</p><ul>{items}</ul>")
+    if h["spoofability"] is not None:
+        sc = h["spoofability"]
+        parts.append(f"<p style='font-size:1.3em'>Headline spoofability: <span class='{_severity(sc)}'>"
+                     f"{_rate({'mean': sc, 'ci95': h['ci95']})}</span> ({h['k']} of {h['n']} audited inputs, "
+                     f"{html.escape(h['where'])}) can be pushed to the attacker's class while the map stays "
+                     f"within benign noise.</p>")
+    parts.append(f"<p><small>{html.escape(report['definitions']['spoofability'])}</small></p>")
     for key, tg in report["targets"].items():
         t = tg["target"]
         parts.append(f"<h2>{html.escape(key)}</h2><p>model <b>{html.escape(tg['model'])}</b>, interpreters "
@@ -327,13 +358,22 @@ def render_html(report: dict) -> str:
                      f"{', '.join(t['defenses']) or 'none'}</p>")
         for w in tg["warnings"]:
             parts.append(f"<p class='warn'>{html.escape(w)}</p>")
-        sp = "".join(f"<tr><td class=l>{n.upper()}</td><td>{_fmt(a.get('spoofability'), True)}</td><td>{_fmt(a['tau'])}</td>"
-                     f"<td>{_fmt(a.get('pgd_within_tau'), True)}</td>"
-                     + "".join(f"<td>{_fmt(a.get('spoofability_' + d), True)}</td>" for d in t["defenses"]) + "</tr>"
+        for r in tg["status"]["reasons"]:
+            parts.append(f"<p class='warn'><b>INCONCLUSIVE</b>: {html.escape(r)}</p>")
+        sp = "".join(f"<tr><td class=l>{n.upper()}</td><td>{_rate(a.get('spoofability'))}</td><td>{_fmt(a['tau'])} "
+                     f"<small>[{_fmt(a['tau_estimate'].get('ci95', [None])[0])}, "
+                     f"{_fmt(a['tau_estimate'].get('ci95', [None, None])[1])}]</small></td>"
+                     f"<td>{_rate(a.get('pgd_within_tau'))}</td>"
+                     + "".join(f"<td>{_rate(a.get('spoofability_' + d))}</td>" for d in t["defenses"]) + "</tr>"
                      for n, a in tg["summary"]["interpreters"].items())
         parts.append("<h3>Spoofability</h3><table><tr><th>interpreter</th><th>undefended (ADV²)</th>"
-                     "<th>noise level τ</th><th>PGD within τ (reference)</th>" + "".join(f"<th>under {d} (adaptive ADV²)</th>" for d in t["defenses"])
+                     "<th>noise level τ [bootstrap 95% CI]</th><th>PGD within τ (reference)</th>" + "".join(f"<th>under {d} (adaptive ADV²)</th>" for d in t["defenses"])
                      + f"</tr>{sp}</table>")
+        te = next(iter(tg["summary"]["interpreters"].values()))["tau_estimate"]
+        parts.append(f"<p><small>Rates show exact (Clopper–Pearson) 95% intervals. τ is the 95th percentile of "
+                     f"the map noise pooled over {te.get('inputs', 0)} inputs × {te.get('draws', 0)} noise draws, the "
+                     f"benign class fixed; its interval is a bootstrap over inputs (how stable τ is at this n)."
+                     f"</small></p>")
         parts.append("<h3>Benign vs adversarial maps</h3>" + _examples_html(tg))
         parts.append("<h3>Attacks</h3>" + _table(tg))
         parts.append(f"<img src='data:image/png;base64,{_bars(tg)}'><br><img src='data:image/png;base64,{_curves(tg)}'>")

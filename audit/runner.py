@@ -25,12 +25,15 @@ journals into one report, identical to a single-process run with the same seed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -42,7 +45,8 @@ from attacks.adv2 import PGD, make_adv2
 from attacks.pgd import PRECISIONS
 from attacks.stadv import StAdv2
 from attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
-from audit.metrics import K_GRID, confidence, iou_curve, l1
+from audit.metrics import K_GRID, confidence, iou_curve, l1, rate
+from audit.report import SCHEMA_VERSION
 from guard.ensemble import DisagreementDetector, InterpreterEnsemble
 from guard.interpreters import build_interpreter
 from guard.models import load_model
@@ -51,7 +55,6 @@ from training.data import DataError, ImageFolderDataset, fashion_mnist, photos, 
 from training.loop import distributed_setup
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
 ATTACKS = ("pgd", "adv2", "stadv2", "adaptive")
 DEFENSES = ("squeeze", "ensemble")
 TARGET_MAPS = ("benign", "shapes", "other")
@@ -62,16 +65,30 @@ ADAPTIVE_LAM = 3.0
 
 
 class AuditError(ValueError):
-    """A deployment, dataset or run folder the audit cannot use; the message says which and why."""
+    """A deployment, dataset, setting or run folder the audit cannot use; the message says which and why.
+
+    The CLI turns it into one ``Error:`` line and ``exit_code``."""
+
+    exit_code = 1
+
+
+class AuditRefused(AuditError):
+    """The audit cannot measure this deployment (untrained weights, probability outputs, no gradient where a
+    gradient attack is planned): it refuses rather than report an unmeasured deployment as safe."""
+
+    exit_code = 4
 
 
 SPOOF_DEFINITION = (
     "spoofability(g) = fraction of audited inputs where ADV² against g reaches c_t (argmax on the 8-bit image) "
-    "and L1(g(x_adv), g(x)) <= tau_g, tau_g = 95th percentile over the audited inputs of L1(g(x), g(x + u)), "
-    "u ~ U[-a, a] quantised to 8 bits, a = eps/2 unless set (random noise of half the attack's budget); under a "
-    "defense the adaptive ADV² must also not be detected. pgd_within_tau (PGD's maps within the same tau) is "
-    "the reference: a tau that lets PGD count as spoofing is too lenient for this data. "
-    "Headline = max over targets and interpreters of the undefended spoofability.")
+    "and L1(g(x_adv), g(x)) <= tau_g; tau_g = 95th percentile of L1(g(x | y), g(x + u | y)), the map of the "
+    "benign class y for both, pooled over the audited inputs and noise_draws draws per input of "
+    "u ~ U[-a, a] quantised to 8 bits, a = eps/2 unless set (random noise of half the attack's budget); its "
+    "stability is a bootstrap interval over inputs. Under a defense the adaptive ADV² must also not be detected. "
+    "pgd_within_tau (PGD's maps within the same tau) is the reference: a tau that lets PGD count as spoofing is "
+    "too lenient for this data. Rates carry exact Clopper-Pearson 95% intervals. "
+    "Headline = max over targets and interpreters of the undefended spoofability; it is INCONCLUSIVE when a "
+    "target's plain PGD reaches fewer than min_pgd_asr of its inputs (the attacks did not work there).")
 
 
 @dataclass
@@ -79,7 +96,7 @@ class Target:
     """One deployment to audit and the data to audit it on."""
 
     model: str = "fmnist_resnet"
-    weights: str | None = None
+    weights: str | None = None  # torchvision:<arch>: enum name, state_dict file, or "random" (asked for)
     interpreters: list[str] = field(default_factory=lambda: ["grad", "cam", "rts", "mask"])
     data: str = "fashion-mnist"  # fashion-mnist | photos | an ImageFolder root
     n: int = 16
@@ -93,7 +110,9 @@ class Target:
     shorten: int = 8
     calibration_n: int = 256
     noise: float | None = None  # in 1/255: uniform-noise amplitude that sets the noise level τ; None: ε/2
+    noise_draws: int = 4  # noise draws per audited input behind τ
     target_maps: list[str] = field(default_factory=lambda: ["benign"])  # + "shapes", "other" (Tables 6, 8)
+    outputs: str = "logits"  # what the model returns: logits, or probs (the audit then takes their log)
 
     def key(self) -> str:
         return f"{self.model}@{Path(self.data).name if os.sep in self.data else self.data}"
@@ -112,57 +131,153 @@ class AuditConfig:
     compile: bool = False  # torch.compile the attacks' classifier / map calls (not GRAD's double backward)
     examples: int = 3
     bootstrap: int = 1000
+    min_pgd_asr: float = 0.5  # a target whose plain PGD reaches fewer of its inputs is INCONCLUSIVE
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AuditConfig":
+        """From a TOML / JSON dict; unknown keys and values of the wrong type are refused, naming the key."""
+        if not isinstance(d, dict):
+            raise AuditError(f"an audit config is a table of settings, not {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         bad = set(d) - known - {"targets"}
         if bad:
             raise AuditError(f"unknown audit settings {sorted(bad)}; known: {sorted(known)}")
+        raw_targets = d.get("targets", [{}])
+        if not isinstance(raw_targets, list) or not all(isinstance(t, dict) for t in raw_targets):
+            raise AuditError("targets must be a list of tables ([[targets]] in TOML)")
         targets = []
         tknown = {f.name for f in fields(Target)}
-        for t in d.get("targets", [{}]):
+        for i, t in enumerate(raw_targets):
             tb = set(t) - tknown
             if tb:
                 raise AuditError(f"unknown target settings {sorted(tb)}; known: {sorted(tknown)}")
+            _check_types(t, Target, f"targets[{i}].")
             targets.append(Target(**t))
-        return cls(**{k: v for k, v in d.items() if k != "targets"}, targets=targets)
+        top = {k: v for k, v in d.items() if k != "targets"}
+        _check_types(top, cls, "")
+        return cls(**top, targets=targets)
 
     def validate(self) -> None:
-        if not self.targets:
+        """Types and ranges of every setting, before any model or data is loaded; AuditError names the key."""
+        if not isinstance(self.targets, list) or not self.targets:
             raise AuditError("the audit has no targets")
         if isinstance(self.batch_size, str) and self.batch_size.isdigit():
             self.batch_size = int(self.batch_size)
-        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+        _check_types(asdict(self), type(self), "")
+        if self.batch_size != "auto" and (isinstance(self.batch_size, str) or self.batch_size < 1):
             raise AuditError(f"batch_size must be an integer ≥ 1 or 'auto', got {self.batch_size!r}")
+        if not self.name or self.name.startswith(".") or any(c in self.name for c in "/\\"):
+            raise AuditError(f"name must be a plain folder name (no '/', not starting with '.'), got {self.name!r}")
         if not 0 < self.fpr < 1:
             raise AuditError(f"fpr must be in (0, 1), got {self.fpr}")
+        if not 0 <= self.min_pgd_asr <= 1:
+            raise AuditError(f"min_pgd_asr must be in [0, 1], got {self.min_pgd_asr}")
+        for k in ("examples", "bootstrap"):
+            if getattr(self, k) < 0:
+                raise AuditError(f"{k} must be ≥ 0, got {getattr(self, k)}")
         if self.precision not in PRECISIONS:
             raise AuditError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        for t in self.targets:
-            if t.n < 1:
-                raise AuditError(f"target {t.key()}: n must be ≥ 1, got {t.n}")
-            if unknown := set(t.attacks) - set(ATTACKS):
-                raise AuditError(f"unknown attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
-            if unknown := set(t.defenses) - set(DEFENSES):
-                raise AuditError(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)}")
-            if not t.interpreters:
-                raise AuditError(f"target {t.key()} has no interpreters")
-            if "ensemble" in t.defenses and len(_ensemble_names(t)) < 2:
-                raise AuditError(f"target {t.key()}: the ensemble defense needs at least two interpreters "
-                                 f"(MASK counts only when named in ensemble_members)")
-            for group in (t.ensemble_members or [], t.adaptive_interpreters or [], t.adv2_interpreters or []):
-                if unknown := set(group) - set(t.interpreters):
-                    raise AuditError(f"target {t.key()}: {sorted(unknown)} are not among its interpreters")
-            if unknown := set(t.target_maps) - set(TARGET_MAPS):
-                raise AuditError(f"unknown target maps {sorted(unknown)}; known: {', '.join(TARGET_MAPS)}")
-            if "other" in t.target_maps and t.data == "photos":
-                raise AuditError("'other' target maps need labelled data (fashion-mnist or an ImageFolder)")
-            if t.schedule not in ("paper", "short"):
-                raise AuditError(f"schedule must be 'paper' or 'short', not {t.schedule!r}")
+        check_device(self.device)
+        for i, t in enumerate(self.targets):
+            _check_types(asdict(t), Target, f"targets[{i}].")
+            _validate_target(t)
+
+
+def _validate_target(t: Target) -> None:
+    where = f"target {t.key()}"
+    for k in ("n", "shorten", "calibration_n", "noise_draws"):
+        if getattr(t, k) < 1:
+            raise AuditError(f"{where}: {k} must be an integer ≥ 1, got {getattr(t, k)}")
+    for k in ("eps", "noise"):
+        v = getattr(t, k)
+        if v is not None and not 0.5 <= v <= 255:
+            raise AuditError(f"{where}: {k} is in 1/255 units (8 means 8/255) and must be in [0.5, 255], got {v}")
+    if t.outputs not in ("logits", "probs"):
+        raise AuditError(f"{where}: outputs must be 'logits' or 'probs', not {t.outputs!r}")
+    if "pgd" not in t.attacks:  # PGD is the audit's check that attacks work on this deployment: always run
+        t.attacks = ["pgd", *t.attacks]
+    if unknown := set(t.attacks) - set(ATTACKS):
+        raise AuditError(f"unknown attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
+    if unknown := set(t.defenses) - set(DEFENSES):
+        raise AuditError(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)}")
+    if not t.interpreters:
+        raise AuditError(f"{where} has no interpreters")
+    if "ensemble" in t.defenses and len(_ensemble_names(t)) < 2:
+        raise AuditError(f"{where}: the ensemble defense needs at least two interpreters "
+                         f"(MASK counts only when named in ensemble_members)")
+    for group in (t.ensemble_members or [], t.adaptive_interpreters or [], t.adv2_interpreters or []):
+        if unknown := set(group) - set(t.interpreters):
+            raise AuditError(f"{where}: {sorted(unknown)} are not among its interpreters")
+    if unknown := set(t.target_maps) - set(TARGET_MAPS):
+        raise AuditError(f"unknown target maps {sorted(unknown)}; known: {', '.join(TARGET_MAPS)}")
+    if "other" in t.target_maps and t.data == "photos":
+        raise AuditError("'other' target maps need labelled data (fashion-mnist or an ImageFolder)")
+    if t.schedule not in ("paper", "short"):
+        raise AuditError(f"schedule must be 'paper' or 'short', not {t.schedule!r}")
+    if t.weights == "random" and not t.model.startswith("torchvision:"):
+        raise AuditError(f"{where}: weights 'random' applies to torchvision:<arch> models only")
+    if t.model.startswith("torchvision:") and t.weights is None:
+        raise AuditRefused(f"{where}: torchvision:<arch> without weights is an untrained network and cannot be "
+                           f"audited as a deployment; pass --weights IMAGENET1K_V1 (or a state_dict file), or "
+                           f"--weights random to audit random weights on purpose (labelled so in the report)")
+
+
+def _type_ok(v, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(v, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(v, list) and all(_type_ok(x, item) for x in v)
+    if hint is type(None):
+        return v is None
+    if hint is bool:
+        return isinstance(v, bool)
+    if hint is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if hint is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, hint)
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    return {type(None): "absent", bool: "a boolean (true / false)", int: "an integer", float: "a number",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_types(values: dict, cls: type, where: str) -> None:
+    """Each value of ``values`` against the annotation of the field of ``cls`` with its name."""
+    hints = typing.get_type_hints(cls)
+    for k, v in values.items():
+        if k != "targets" and k in hints and not _type_ok(v, hints[k]):
+            raise AuditError(f"setting {where}{k} must be {_type_name(hints[k])}, got {v!r}")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device string that names no device of this machine (before anything is loaded)."""
+    if device == "auto":
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise AuditError(f"device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if d.type == "cpu":
+        return
+    if d.type != "cuda":
+        raise AuditError(f"device {device!r} is not supported by the audit; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise AuditError(f"device {device!r} was asked for but this machine has no usable CUDA GPU; "
+                         f"use --device cpu (or auto)")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise AuditError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -249,20 +364,87 @@ def _augment(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _preflight(model, interps: dict, x: torch.Tensor) -> list[str]:
-    """Checks that would make an audit wrong; returns warnings, raises AuditError for hard failures."""
-    warnings = []
-    if model.training:
-        model.eval()
-        warnings.append("model was in training mode; the audit put it in eval mode")
+def _looks_like_probabilities(z: torch.Tensor) -> bool:
+    """(B, K) outputs that are non-negative and sum to 1 per row: softmax probabilities, not logits."""
+    return bool((z >= 0).all()) and torch.allclose(z.sum(1), torch.ones_like(z[:, 0]), atol=1e-3)
+
+
+def _check_outputs(t: Target, model, x: torch.Tensor) -> None:
+    """Finite (B, K) outputs, and logits unless the target declares probabilities."""
     with torch.no_grad():
-        z = model(x[:4])
+        z = model(x[:8])
     if not torch.isfinite(z).all():
         raise AuditError(f"model {model.name} returns NaN or inf on the audit data")
     if z.ndim != 2 or z.shape[1] != model.num_classes:
         raise AuditError(f"model {model.name} must return logits (B, {model.num_classes}), got {tuple(z.shape)}")
-    if (z >= 0).all() and torch.allclose(z.sum(1), torch.ones_like(z[:, 0]), atol=1e-3):
-        warnings.append("model outputs look like probabilities, not logits; losses assume logits")
+    probs = _looks_like_probabilities(z)
+    if probs and t.outputs == "logits":
+        raise AuditRefused(f"model {model.name} returns probabilities (non-negative, each row sums to 1), not "
+                           f"logits: the attacks' losses assume logits and would under-report. Declare it with "
+                           f"--outputs probs (outputs = \"probs\") and the audit takes their log")
+    if not probs and t.outputs == "probs":
+        raise AuditError(f"outputs = 'probs' was declared, but model {model.name}'s outputs are not probabilities "
+                         f"(negative values, or rows that do not sum to 1); drop --outputs probs")
+
+
+# the one-sided binomial test behind "at chance": a model whose accuracy cannot be told from 1/K at this level
+CHANCE_P = 0.01
+
+
+def _check_trained(t: Target, model, pred: torch.Tensor, labels: torch.Tensor | None, probs: torch.Tensor) -> None:
+    """Refuse a model that is at chance on its own audit data (labelled), or whose predictions on unlabelled
+    data are near-uniform or one class for everything: an untrained net, wrong weights, a wrong class order."""
+    from scipy.stats import binomtest
+
+    k_cls = model.num_classes
+    hint = ("untrained weights, the wrong weights file, or data in another class order? Check with "
+            "`underfire predict`; for torchvision:<arch>, --weights random audits random weights on purpose")
+    if labels is not None:
+        k, n = int((pred == labels).sum()), len(pred)
+        p = binomtest(k, n, 1 / k_cls, alternative="greater").pvalue
+        if p > CHANCE_P:
+            raise AuditRefused(f"model {model.name} is at chance on {t.data}: {k}/{n} correct ({k / n:.1%}; chance "
+                               f"{1 / k_cls:.1%}, one-sided binomial p = {p:.2g}) — {hint}")
+        return
+    top = probs.amax(1)
+    floor = 1 / k_cls + 0.05 * (1 - 1 / k_cls)
+    if len(pred) >= 4 and len(set(pred.tolist())) == 1:
+        raise AuditRefused(f"model {model.name} predicts class {int(pred[0])} for every one of the {len(pred)} "
+                           f"inputs of {t.data} — {hint}")
+    if float(top.median()) < floor:
+        raise AuditRefused(f"model {model.name} is near-uniform on {t.data}: median top-1 probability "
+                           f"{float(top.median()):.3f} (uniform {1 / k_cls:.3f}) — {hint}")
+
+
+def _gradient_names(t: Target) -> set[str]:
+    """Interpreters a gradient attack of this target optimises through."""
+    names = set()
+    if "adv2" in t.attacks:
+        names |= set(_adv2_names(t))
+    if "stadv2" in t.attacks and "cam" in t.interpreters:
+        names.add("cam")
+    if "adaptive" in t.attacks:
+        if "squeeze" in t.defenses:
+            names |= set(_adaptive_names(t))
+        if "ensemble" in t.defenses:
+            names |= set(_ensemble_names(t))
+    return names
+
+
+def _preflight(t: Target, model, interps: dict, x: torch.Tensor, y: torch.Tensor) -> list[str]:
+    """Gradient checks: PGD needs the logits' gradient, a gradient attack on a map needs the map's. A missing
+    one refuses the audit (it would report a deployment it could not attack as safe); returns warnings."""
+    warnings = []
+    if model.training:
+        model.eval()
+        warnings.append("model was in training mode; the audit put it in eval mode")
+    xg = x[:2].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xg).gather(1, y[:2, None]).sum(), xg, allow_unused=True)
+    if g is None or not torch.isfinite(g).all() or float(g.abs().sum()) == 0:
+        raise AuditRefused(f"model {model.name}'s logits have no gradient w.r.t. the input (masked or "
+                           f"non-differentiable preprocessing): PGD and ADV² cannot attack it, and an audit would "
+                           f"report it safe. Audit the differentiable model behind the preprocessing")
+    attacked = _gradient_names(t)
     for name, it in interps.items():
         if name == "mask":
             continue  # MASK's gradient flows through its unrolled inner steps; checked by the test suite
@@ -270,23 +452,40 @@ def _preflight(model, interps: dict, x: torch.Tensor) -> list[str]:
         e = it(xg)
         (g,) = torch.autograd.grad(e.saliency.sum(), xg, allow_unused=True)
         if g is None or not torch.isfinite(g).all() or float(g.abs().sum()) == 0:
-            warnings.append(f"WARNING: the {name} map has no gradient w.r.t. the input (masked gradient): "
-                            f"ADV² cannot optimise it and this audit UNDER-REPORTS its spoofability")
+            if name in attacked:
+                raise AuditRefused(f"the {name} map has no gradient w.r.t. the input (masked gradient): ADV² "
+                                   f"cannot optimise it and the audit would report it safe. Leave {name} out of "
+                                   f"the attacked interpreters (adv2_interpreters, adaptive_interpreters, "
+                                   f"ensemble_members) or fix the gradient path")
+            warnings.append(f"WARNING: the {name} map has no gradient w.r.t. the input; it is only read here")
     return warnings
 
 
 def build_deployment(t: Target, seed: int, device: torch.device, precision: str = "fp32",
                      channels_last: bool = False, compile: bool = False) -> Deployment:
+    """Load, check (outputs, training, gradients: :class:`AuditRefused` when the audit cannot measure it) and
+    select the audited inputs of one target."""
+    from guard.models import from_probabilities
+
     model = load_model(t.model, t.weights).to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    pool_x, pool_y, x_cal, x_held = _load_data(t, model)
+    pool_x = pool_x.to(device)
+    _check_outputs(t, model, pool_x)
+    if t.outputs == "probs":
+        model = from_probabilities(model)
     interps = {n: build_interpreter(n, model) for n in t.interpreters}
     for it in interps.values():
         it.to(device)
-    pool_x, pool_y, x_cal, x_held = _load_data(t, model)
-    pool_x = pool_x.to(device)
     with torch.no_grad():
-        pred = torch.cat([model(pool_x[i:i + 256]).argmax(1) for i in range(0, len(pool_x), 256)])
+        z = torch.cat([model(pool_x[i:i + 256]) for i in range(0, len(pool_x), 256)])
+    pred = z.argmax(1)
+    warnings = []
+    if t.weights == "random":
+        warnings.append("UNTRAINED: random weights, asked for with weights = 'random'; this audits no deployment")
+    else:
+        _check_trained(t, model, pred, None if pool_y is None else pool_y.to(device), z.softmax(1))
     y = pred if pool_y is None else pool_y.to(device)  # unlabelled photos: the model's prediction is "y"
     ok = (pred == y).nonzero().squeeze(1)[: t.n]
     if len(ok) == 0:
@@ -295,7 +494,7 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y_t = target_classes(y.cpu(), model.num_classes, torch.Generator().manual_seed(seed)).to(device)
-    warnings = _preflight(model, interps, x)
+    warnings += _preflight(t, model, interps, x, y)
     if len(x) < t.n:
         warnings.append(f"only {len(x)} correctly classified inputs available (asked for {t.n})")
     eps = (t.eps if t.eps is not None else (24 if model.input_size[1] == 28 else 8)) / 255
@@ -350,14 +549,9 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     x, y_t = dep.x[sl], dep.y_t[sl]
     keep = max(0, min(keep - sl.start, len(x)))  # samples of this batch shown in the report
     out: dict = {"index": list(range(sl.start, sl.stop)), "interpreters": {}}
-    gen = torch.Generator().manual_seed(seed + sl.start)
-    amplitude = dep.eps / 2 if t.noise is None else t.noise / 255
-    noise = (torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * amplitude
-    x_noise = (torch.round((x + noise).clamp(0, 1) * 255) / 255)
-    bms = {}
-    for name, it in dep.interpreters.items():
-        bms[name] = benign_maps(it, x)
-        out["interpreters"][name] = {"noise_l1": l1(benign_maps(it, x_noise), bms[name]).tolist()}
+    bms = {name: benign_maps(it, x) for name, it in dep.interpreters.items()}
+    for name, d in _noise_l1(t, dep, sl, seed, bms).items():
+        out["interpreters"][name] = {"noise_l1": d}
     adv_x = {}
     if "pgd" in t.attacks:
         progress("PGD")
@@ -408,6 +602,21 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     out["transfer"] = {a: {b: l1(benign_maps(dep.interpreters[b], xa), bms[b]).tolist() for b in dep.interpreters}
                        for a, xa in adv_x.items()}
     return out
+
+
+def _noise_l1(t: Target, dep: Deployment, sl: slice, seed: int, bms: dict) -> dict[str, list[list[float]]]:
+    """Per interpreter and input, ``noise_draws`` values of L1(g(x + u | y), g(x | y)): map noise only, the
+    benign class y fixed (a draw that flips the prediction does not swap in another class's map)."""
+    x, y = dep.x[sl], dep.y[sl]
+    gen = torch.Generator().manual_seed(seed + sl.start)
+    amplitude = dep.eps / 2 if t.noise is None else t.noise / 255
+    per = {name: [] for name in dep.interpreters}
+    for _ in range(t.noise_draws):
+        u = (torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * amplitude
+        x_noise = torch.round((x + u).clamp(0, 1) * 255) / 255
+        for name, it in dep.interpreters.items():
+            per[name].append(l1(benign_maps(it, x_noise, y), bms[name]))  # (B,)
+    return {name: torch.stack(d, 1).tolist() for name, d in per.items()}  # (B, draws)
 
 
 def _target_maps(kind: str, it, dep: Deployment, x: torch.Tensor, y_t: torch.Tensor, seed: int) -> torch.Tensor:
@@ -473,43 +682,97 @@ def _ci(values: list[float], n_boot: int, seed: int) -> dict:
             "ci95": [float(means.quantile(0.025)), float(means.quantile(0.975))]}
 
 
+def noise_level(per_input: list[list[float]], n_boot: int, seed: int) -> dict:
+    """τ = the 95th percentile of the map-noise L1 pooled over inputs × draws, and its stability: the
+    percentile-bootstrap 95% interval of that quantile when the inputs (with all their draws) are resampled."""
+    d = torch.tensor(per_input, dtype=torch.float64)  # (N, draws)
+    if d.numel() == 0:
+        return {"tau": math.nan, "estimate": "none: no noise measurements"}
+    tau = float(d.flatten().quantile(0.95))
+    out = {"tau": tau, "estimate": "pooled over inputs x draws", "inputs": int(d.shape[0]), "draws": int(d.shape[1]),
+           "ci95": [tau, tau]}
+    if d.shape[0] > 1 and n_boot > 0:
+        idx = torch.randint(0, d.shape[0], (n_boot, d.shape[0]), generator=torch.Generator().manual_seed(seed))
+        qs = d[idx].flatten(1).quantile(0.95, dim=1)
+        out["ci95"] = [float(qs.quantile(0.025)), float(qs.quantile(0.975))]
+    return out
+
+
 def aggregate(records: dict, decisions: dict, n_boot: int, seed: int) -> dict:
-    """Per interpreter and attack: ASR, MC, L1/IoU over successes, detection rates; spoofability."""
+    """Per interpreter and attack: ASR, MC, L1/IoU over successes, detection rates; spoofability.
+
+    Rates (ASR, detection, spoofability) carry exact Clopper–Pearson intervals (:func:`audit.metrics.rate`);
+    means of continuous scores (MC, L1, IoU) a percentile bootstrap."""
     agg = {}
     for name, per in records["interpreters"].items():
-        noise = per["noise_l1"]
-        tau = float(torch.tensor(noise).quantile(0.95)) if noise else math.nan
-        a_int = {"noise_l1": _ci(noise, n_boot, seed), "tau": tau}
+        noise = noise_level(per["noise_l1"], n_boot, seed)
+        tau = noise["tau"]
+        a_int = {"noise_l1": _ci([v for row in per["noise_l1"] for v in row], n_boot, seed), "tau": tau,
+                 "tau_estimate": noise}
         for atk, rec in per.items():
             if atk == "noise_l1":
                 continue
             ok = rec["success"]
             succ = [i for i, s in enumerate(ok) if s]
-            row = {"asr": _ci([float(s) for s in ok], n_boot, seed),
+            row = {"asr": rate(len(succ), len(ok)),
                    "mc": _ci([rec["confidence"][i] for i in succ], n_boot, seed),
                    "l1": _ci([rec["l1"][i] for i in succ], n_boot, seed),
                    "iou": _ci([sum(rec["iou_curve"][i]) / len(K_GRID) for i in succ], n_boot, seed),
                    "iou_curve": [sum(rec["iou_curve"][i][k] for i in succ) / max(len(succ), 1)
                                  for k in range(len(K_GRID))],
-                   "detection": {d: {k: (sum(v[i] for i in succ) / len(succ) if succ else None)
-                                     for k, v in flags.items()} for d, flags in rec["detected"].items()}}
+                   "detection": {d: {k: rate(sum(v[i] for i in succ), len(succ)) for k, v in flags.items()}
+                                 for d, flags in rec["detected"].items()}}
             if "benign_l1_to_target" in rec:  # other target maps: how far the benign map is from the target
                 row["benign_l1_to_target"] = _ci(rec["benign_l1_to_target"], n_boot, seed)
             close = [bool(s) and d <= tau for s, d in zip(ok, rec["l1"])]
             if atk == "adv2":
-                a_int["spoofability"] = sum(close) / len(ok)
+                a_int["spoofability"] = rate(sum(close), len(ok))
             elif atk == "pgd":
-                a_int["pgd_within_tau"] = sum(close) / len(ok)
+                a_int["pgd_within_tau"] = rate(sum(close), len(ok))
             elif atk.startswith("adaptive-"):
                 d = atk.split("-", 1)[1]
                 undetected = [not f for f in rec["detected"][d][decisions[d]]]
-                a_int[f"spoofability_{d}"] = sum(c and u for c, u in zip(close, undetected)) / len(ok)
+                a_int[f"spoofability_{d}"] = rate(sum(c and u for c, u in zip(close, undetected)), len(ok))
             a_int[atk] = row
         if "pgd" in a_int and "adv2" in a_int and a_int["pgd"]["l1"]["mean"]:
             a_int["l1_ratio"] = (a_int["adv2"]["l1"]["mean"] or 0) / a_int["pgd"]["l1"]["mean"]
         agg[name] = a_int
     transfer = {a: {b: sum(v) / len(v) for b, v in row.items()} for a, row in records.get("transfer", {}).items()}
     return {"interpreters": agg, "transfer": transfer}
+
+
+def target_status(summary: dict, min_pgd_asr: float) -> dict:
+    """Conclusive unless plain PGD failed (fewer than ``min_pgd_asr`` of the inputs reach c_t: the attacks did
+    not work on this deployment) or a noise level τ could not be measured."""
+    reasons = []
+    ints = summary["interpreters"]
+    pgd = next((a["pgd"]["asr"] for a in ints.values() if "pgd" in a), None)
+    if pgd is None or pgd["mean"] is None:
+        reasons.append("plain PGD did not run, so nothing shows that attacks work on this deployment")
+    elif pgd["mean"] < min_pgd_asr:
+        reasons.append(f"plain PGD reached the target class on only {pgd['k']}/{pgd['n']} inputs (below min_pgd_asr "
+                       f"{min_pgd_asr:.0%}): the attacks did not work here (masked gradients, an ε too small for "
+                       f"this model, a robust model?) and a low spoofability would mean nothing; raise --eps or "
+                       f"check the deployment")
+    for name, a in ints.items():
+        if math.isnan(a["tau"]):
+            reasons.append(f"no noise level τ was measured for {name}")
+    return {"conclusive": not reasons, "reasons": reasons, "min_pgd_asr": min_pgd_asr}
+
+
+def headline(targets: dict) -> dict:
+    """The worst undefended spoofability over targets and interpreters, with its exact interval, and whether
+    the run can be trusted as a gate: ``status`` is "inconclusive" when any target is, or when no ADV² ran."""
+    cands = [(a["spoofability"], f"{key} / {name}") for key, tg in targets.items()
+             for name, a in tg["summary"]["interpreters"].items() if "spoofability" in a]
+    reasons = [f"{key}: {r}" for key, tg in targets.items() for r in tg["status"]["reasons"]]
+    if not cands:
+        reasons.append("no ADV² attack ran: spoofability was not measured")
+        return {"spoofability": None, "ci95": None, "where": None, "status": "inconclusive", "inconclusive": reasons}
+    worst, where = max(cands, key=lambda c: c[0]["mean"])
+    return {"spoofability": worst["mean"], "ci95": worst["ci95"], "k": worst["k"], "n": worst["n"], "where": where,
+            "interval": worst["interval"], "status": "inconclusive" if reasons else "measured",
+            "inconclusive": reasons}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -585,39 +848,90 @@ def resolve_batch_size(cfg: AuditConfig, t: Target, dep: Deployment, journal: "J
     return b
 
 
-class Journal:
-    """Per-batch JSON files under run_dir/journal/<target>/; written atomically, read back on resume."""
+def _sha(tensors) -> str:
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
-    def __init__(self, run_dir: Path, target_key: str) -> None:
+
+def journal_settings(cfg: AuditConfig, t: Target) -> dict:
+    """The settings that shape a target's per-sample records (not: name, device, batch size, compile,
+    channels-last, bootstrap — they change speed, cutting or aggregation, and are checked elsewhere)."""
+    return {"seed": cfg.seed, "fpr": cfg.fpr, "examples": cfg.examples, "precision": cfg.precision,
+            **{f"targets.{k}": v for k, v in asdict(t).items()}}
+
+
+def fingerprint(cfg: AuditConfig, t: Target, dep: Deployment) -> dict:
+    """What every journal batch of a target must have been made with: the weights of the model and of every
+    interpreter (RTS's saliency net), the audited inputs with their classes and targets, the settings."""
+    mods = {id(m): m for it in dep.interpreters.values() for m in it.modules()}
+    mods.setdefault(id(dep.model), dep.model)
+    weights = [v for m in mods.values() for _, v in sorted(m.state_dict().items())]
+    return {"model": _sha(weights), "data": _sha([dep.x.float(), dep.y, dep.y_t]), "config": journal_settings(cfg, t)}
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """'key: old → new' for each differing key of two flat settings dicts."""
+    return [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+class Journal:
+    """Per-batch JSON files under run_dir/journal/<target>/; written atomically, read back on resume.
+
+    Each batch carries the target's :func:`fingerprint` and the sample indices it covers; ``load`` refuses a
+    batch made with other weights, data or settings, or one moved from another batch's place."""
+
+    def __init__(self, run_dir: Path, target_key: str, fingerprint: dict | None = None) -> None:
         self.dir = run_dir / "journal" / target_key.replace("/", "_")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
 
     def path(self, i: int) -> Path:
         return self.dir / f"batch_{i:05d}.json"
 
-    def load(self, i: int) -> dict | None:
+    def load(self, i: int, index: list[int] | None = None) -> dict | None:
+        """Batch ``i`` (without its fingerprint), None when absent or half-written; AuditError when it is not
+        this run's batch ``i`` covering samples ``index``."""
         p = self.path(i)
         if not p.is_file():
             return None
         try:
-            return json.loads(p.read_text())
+            rec = json.loads(p.read_text())
         except json.JSONDecodeError:
             log.warning("journal %s is unreadable (killed mid-write?); redoing that batch", p)
             return None
+        got = rec.pop("fingerprint", None) if isinstance(rec, dict) else None
+        if self.fingerprint is not None:
+            self._verify(p, got, rec.get("index") if isinstance(rec, dict) else None, index)
+        return rec
+
+    def _verify(self, p: Path, got: dict | None, have: list | None, want: list[int] | None) -> None:
+        again = "start the run again with --overwrite (or another --name)"
+        if not isinstance(got, dict) or set(got) != {"model", "data", "config"}:
+            raise AuditError(f"journal {p} carries no fingerprint (written by an older underfire, or not a "
+                             f"journal batch): it cannot be checked against this run; {again}")
+        if want is not None and have != want:
+            span = f"{have[0]}–{have[-1]}" if isinstance(have, list) and have else repr(have)
+            raise AuditError(f"journal {p} covers samples {span}, but batch {p.stem} is samples {want[0]}–{want[-1]}: "
+                             f"the file was moved or copied; {again}")
+        fp = self.fingerprint
+        if got["model"] != fp["model"]:
+            raise AuditError(f"journal {p} was made with other weights (model fingerprint {got['model']} ≠ "
+                             f"{fp['model']}): the model or interpreter files changed since the run started; {again}")
+        if got["config"] != fp["config"]:
+            raise AuditError(f"journal {p} was made with other settings ({'; '.join(config_diff(got['config'], fp['config']))}); "
+                             f"resume with the same settings, or {again}")
+        if got["data"] != fp["data"]:
+            raise AuditError(f"journal {p} was made on other audit data (data fingerprint {got['data']} ≠ "
+                             f"{fp['data']}): the dataset changed since the run started; {again}")
 
     def save(self, i: int, rec: dict) -> None:
         tmp = self.path(i).with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec))
+        tmp.write_text(json.dumps(rec if self.fingerprint is None else {**rec, "fingerprint": self.fingerprint}))
         os.replace(tmp, self.path(i))
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
-        raise AuditError(f"run folder {run_dir} already holds a run: pass --resume to continue it, --overwrite "
-                         f"to start again, or choose another --name")
-    if overwrite and run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def environment(device: torch.device) -> dict:
@@ -660,23 +974,27 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
                   "detection": "a detector score flags an input when it exceeds its threshold, calibrated at the "
                                "FPR on benign data disjoint from the audited inputs"},
               "targets": {}}
+    deps = {}
+    for t in cfg.targets:  # every pre-flight check (AuditRefused) before any attack starts
+        progress(f"{t.key()}: loading model, interpreters and data")
+        deps[t.key()] = build_deployment(t, cfg.seed, device, cfg.precision, cfg.channels_last, cfg.compile)
     for t in cfg.targets:
         key = t.key()
-        progress(f"{key}: loading model, interpreters and data")
-        dep = build_deployment(t, cfg.seed, device, cfg.precision, cfg.channels_last, cfg.compile)
+        dep = deps.pop(key)
         for w in dep.warnings:
             progress(f"{key}: {w}")
         dets = build_detectors(t, dep, cfg.fpr, progress)
-        journal = Journal(run_dir, key)
+        journal = Journal(run_dir, key, fingerprint(cfg, t, dep))
         n = len(dep.x)
         bs = resolve_batch_size(cfg, t, dep, journal, resume, rank, world)
         if cfg.batch_size == "auto":
             progress(f"{key}: batch size {bs} (auto, {dep.x.device.type})")
         n_batches = math.ceil(n / bs)
+        index = [list(range(i * bs, min(n, (i + 1) * bs))) for i in range(n_batches)]
         t0, done_here = time.time(), 0
         mine = [i for i in range(n_batches) if i % world == rank]
         for j, i in enumerate(mine):
-            if resume and journal.load(i) is not None:
+            if resume and journal.load(i, index[i]) is not None:
                 progress(f"{key}: batch {i + 1}/{n_batches} already in the journal, skipped")
                 continue
             sl = slice(i * bs, min(n, (i + 1) * bs))
@@ -692,15 +1010,16 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
             torch.distributed.barrier()
         if rank != 0:
             continue
-        batches = [journal.load(i) for i in range(n_batches)]
+        batches = [journal.load(i, index[i]) for i in range(n_batches)]
         if any(b is None for b in batches):
             raise AuditError(f"journal of {key} is missing batches after the run; run again with --resume")
         records = merge_batches(batches)
         decisions = {d: det.decision for d, det in dets.items()}
+        summary = aggregate(records, decisions, cfg.bootstrap, cfg.seed)
         report["targets"][key] = {
             "target": asdict(t), "model": dep.model.name, "eps_255": round(dep.eps * 255, 3), "n": n,
-            "batch_size": bs,
-            "warnings": dep.warnings,
+            "batch_size": bs, "fingerprint": {k: v for k, v in journal.fingerprint.items() if k != "config"},
+            "warnings": dep.warnings, "status": target_status(summary, cfg.min_pgd_asr),
             "attacks": {"pgd": _pgd(t, dep).describe(),
                         **{f"adv2-{nm}": _adv2(t, dep, nm).describe()
                            for nm in _adv2_names(t)},
@@ -710,13 +1029,11 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
             "detectors": {d: {"kind": det.kind, "decision": det.decision, "thresholds": det.thresholds,
                               "config": det.config(), "calibration": det.calibration} for d, det in dets.items()},
             "records": records,
-            "summary": aggregate(records, decisions, cfg.bootstrap, cfg.seed),
+            "summary": summary,
             "examples": _examples(t, dep, min(cfg.examples, n)),
         }
     if rank != 0:
         return None
-    spoof = [a.get("spoofability", 0.0) for tg in report["targets"].values()
-             for a in tg["summary"]["interpreters"].values()]
-    report["headline"] = {"spoofability": max(spoof) if spoof else 0.0}
+    report["headline"] = headline(report["targets"])
     report["seconds"] = round(time.time() - t_start, 1)
     return report

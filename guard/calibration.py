@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from guard.interpreters.base import check_input
 from guard.models import ModelError, read_checkpoint, save_checkpoint
 
 
@@ -102,15 +103,22 @@ class Detector:
             raise DetectorError(f"{self.kind} detector is not calibrated: call calibrate() or load thresholds")
 
     def flags(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per score: (B,) bool, True = flagged as adversarial."""
+        """Per score: (B,) bool, True = flagged as adversarial. Inputs are validated (shape, channels, finite,
+        [0, 1]; InterpreterError otherwise) and a score that is not finite flags its input: nothing that could
+        not be scored is called benign."""
         self._require_calibrated()
+        check_input(x, self.model)
         with torch.no_grad():
             s = self.scores(x)
-        return {k: v > self.thresholds[k] for k, v in s.items()}
+        return self._flag(s)
 
     def flag_all(self, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
         self._require_calibrated()
-        return {k: v > self.thresholds[k] for k, v in self.score_all(x, batch_size).items()}
+        check_input(x, self.model)
+        return self._flag(self.score_all(x, batch_size))
+
+    def _flag(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (v > self.thresholds[k]) | ~torch.isfinite(v) for k, v in scores.items()}
 
     def detected(self, x: torch.Tensor) -> torch.Tensor:
         """The detector's decision: (B,) bool by the ``decision`` score."""

@@ -113,6 +113,25 @@ class ImageClassifier(nn.Module):
         return (lambda x: body(self.normalize(x))), head
 
 
+class _LogOf(nn.Module):
+    """log of a network's probability outputs: log-probabilities are logits (softmax gives the same
+    probabilities back), so losses written for logits apply."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K) probabilities -> (B, K) log-probabilities
+        return torch.log(self.net(x).clamp_min(1e-30))
+
+
+def from_probabilities(model: ImageClassifier) -> ImageClassifier:
+    """The same classifier returning log-probabilities, for a model whose outputs are softmax probabilities
+    (declared with ``--outputs probs``)."""
+    return ImageClassifier(_LogOf(model.net), model.mean.flatten().tolist(), model.std.flatten().tolist(),
+                           name=model.name, input_size=model.input_size, categories=model.categories).to(model.mean)
+
+
 def _cam_split(net: nn.Module, name: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Linear]:
     """Per-architecture knowledge of where the last conv features end and the linear head starts."""
     from torchvision import models as tvm
@@ -440,7 +459,8 @@ def load_model(spec: str, weights: str | os.PathLike | None = None) -> ImageClas
             fmnist_resnet, fmnist_densenet); ``torchvision:<arch>`` for any torchvision classifier; a path
             to a ``.pt`` small-net checkpoint; or ``module:function`` returning an ``nn.Module`` /
             ``ImageClassifier``.
-        weights: for ``torchvision:<arch>``, a weights enum name (``IMAGENET1K_V1``) or a state_dict file.
+        weights: for ``torchvision:<arch>``, a weights enum name (``IMAGENET1K_V1``), a state_dict file, or
+            ``"random"`` (randomly initialised on purpose; ``None`` does the same with a warning).
 
     Raises:
         ModelError: unknown name, missing weight file, corrupt checkpoint or one of another architecture.
@@ -451,6 +471,9 @@ def load_model(spec: str, weights: str | os.PathLike | None = None) -> ImageClas
         return BUNDLED[spec][0]()
     if spec.startswith("torchvision:"):
         arch = spec.split(":", 1)[1]
+        if weights is None:
+            log.warning("%s without weights: randomly initialised (pass weights, or 'random' to mean it)", spec)
+        weights = None if weights == "random" else weights
         wfile = weights is not None and (os.sep in str(weights) or Path(weights).suffix in {".pt", ".pth"})
         net = _torchvision(arch, None if (weights is None or wfile) else str(weights))
         if wfile:
@@ -477,9 +500,13 @@ def _from_entry_point(spec: str) -> ImageClassifier:
     mod_name, fn_name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise ModelError(f"entry point {spec!r} cannot be imported: {exc}") from exc
-    obj = fn()
+    except Exception as exc:  # noqa: BLE001 — the user's module may raise anything while importing
+        raise ModelError(f"entry point {spec!r} cannot be imported: {type(exc).__name__}: {exc}") from exc
+    try:
+        obj = fn()
+    except Exception as exc:  # noqa: BLE001 — the user's function may raise anything
+        raise ModelError(f"entry point {spec!r} raised {type(exc).__name__}: {exc} "
+                         f"(-v shows the traceback)") from exc
     if isinstance(obj, ImageClassifier):
         return obj
     if isinstance(obj, nn.Module):

@@ -21,3 +21,44 @@ def nan_model() -> ImageClassifier:
     """A 28×28 classifier whose outputs are NaN (a broken deployment)."""
     return ImageClassifier(_NaNNet(), FMNIST_MEAN, FMNIST_STD, name="nan_model", input_size=(1, 28, 28),
                            categories=[str(i) for i in range(10)])
+
+
+def probs_model() -> ImageClassifier:
+    """The bundled Fashion-MNIST ResNet with a softmax on its outputs (a deployment returning probabilities)."""
+    from guard.models import load_model
+
+    m = load_model("fmnist_resnet")
+    m.net = nn.Sequential(m.net, nn.Softmax(dim=1))
+    return m
+
+
+def untrained_model() -> ImageClassifier:
+    """A 28×28 ResNet with random weights (an untrained deployment)."""
+    from guard.models import SmallResNet
+
+    torch.manual_seed(0)
+    return ImageClassifier(SmallResNet(), FMNIST_MEAN, FMNIST_STD, name="untrained", input_size=(1, 28, 28),
+                           categories=[str(i) for i in range(10)])
+
+
+class _Quantised(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(x * 8) / 8)  # rounding: zero gradient w.r.t. the input everywhere
+
+
+def masked_model() -> ImageClassifier:
+    """The bundled Fashion-MNIST ResNet behind input quantisation: accurate, but with no input gradient."""
+    from guard.models import load_model
+
+    m = load_model("fmnist_resnet")
+    m.net = _Quantised(m.net)
+    return m
+
+
+def raising_model() -> ImageClassifier:
+    """An entry point that fails the way user code does."""
+    raise RuntimeError("cannot open /models/prod.ckpt")

@@ -30,7 +30,7 @@ interpreters = ["cam", "rts"]
 n = 4
 attacks = ["pgd", "adv2", "adaptive"]
 defenses = ["squeeze"]
-shorten = 100
+shorten = 50
 calibration_n = 32
 adaptive_interpreters = ["cam"]
 target_maps = ["benign", "shapes"]
@@ -127,10 +127,17 @@ def test_torchrun_two_processes_equal_one(full_run, work):
 
 
 def test_fail_above_exit_codes(work, full_run):
+    run, _ = full_run
+    head = json.loads((run / "report.json").read_text())["headline"]
+    assert head["status"] == "measured" and head["spoofability"] > 0  # the premise of the exit-3 case below
     ok = cli("audit", "--config", "tiny.toml", "--out", "runs", "--resume", "--fail-above", "1.0", cwd=work)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    bad = cli("audit", "--config", "tiny.toml", "--out", "runs", "--resume", "--fail-above", "-0.01", cwd=work)
+    bad = cli("audit", "--config", "tiny.toml", "--out", "runs", "--resume", "--fail-above", "0", cwd=work)
     assert bad.returncode == 3 and "FAIL: spoofability" in bad.stderr
+    for never in ("2", "-0.5"):  # a gate that can never fire, or always fires: refused before anything runs
+        r = cli("audit", "--config", "tiny.toml", "--out", "runs", "--resume", "--fail-above", never, cwd=work)
+        assert r.returncode == 1 and "--fail-above is a spoofability in [0, 1]" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
 
 
 def _one_error(r, needle: str, out: Path):
