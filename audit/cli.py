@@ -311,11 +311,23 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
         cfg.targets = [Target(**tflags)]
     else:
         cfg.targets = [dataclasses.replace(t, **tflags) for t in cfg.targets]
+    if "interpreters" in tflags:  # --interpreters narrows a preset: its sub-lists keep only the named ones
+        for t in cfg.targets:
+            for k in ("adv2_interpreters", "adaptive_interpreters", "ensemble_members"):
+                if isinstance(getattr(t, k), list):
+                    setattr(t, k, [n for n in getattr(t, k) if n in t.interpreters])
     for k in ("name", "batch_size", "seed", "fpr", "device", "precision", "channels_last", "compile", "min_pgd_asr"):
         if flags.get(k) is not None:
             setattr(cfg, k, flags[k])
     cfg.validate()
     return cfg
+
+
+def _check_gate(fail_above: float | None) -> None:
+    from audit.runner import AuditError
+
+    if fail_above is not None and not 0 <= fail_above <= 1:
+        raise AuditError(f"--fail-above is a spoofability in [0, 1] (0.2 means 20%), got {fail_above:g}")
 
 
 def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_above: float | None,
@@ -328,8 +340,6 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
     from audit.rundir import RunFolder, check_writable
     from audit.runner import AuditError, config_diff, run_audit
 
-    if fail_above is not None and not 0 <= fail_above <= 1:
-        raise AuditError(f"--fail-above is a spoofability in [0, 1] (0.2 means 20%), got {fail_above:g}")
     check_writable(out)
     run_dir = out / cfg.name
     rank = int(os.environ.get("RANK", 0))
@@ -437,6 +447,7 @@ def audit_cmd(config, out, resume, overwrite, as_json, fail_above, **flags) -> N
     ensemble defenses; MobileNetV2 on the bundled photos with CAM), about 10 minutes on 2 CPU cores.
     Under ``torchrun --nproc_per_node=N`` the inputs are sharded across processes.
     """
+    _check_gate(fail_above)
     cfg = resolve_config(config, None, flags)
     _execute(cfg, out, resume, overwrite, as_json, fail_above, name_given=flags.get("name") is not None)
 
@@ -449,6 +460,7 @@ def reproduce_cmd(experiment, config, out, resume, overwrite, as_json, fail_abov
     """Run one of the paper's experiments as a preset audit and print the paper's numbers beside ours."""
     from audit.presets import PAPER
 
+    _check_gate(fail_above)
     name_given = flags.get("name") is not None
     flags["name"] = flags.get("name") or experiment
     cfg = resolve_config(config, experiment, flags)

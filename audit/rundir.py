@@ -119,6 +119,7 @@ class RunFolder:
         try:
             self._prepare()
         except BaseException:
+            self.lock.release()
             self._cleanup_out()
             raise
         return self

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from guard.models import FMNIST_MEAN, FMNIST_STD, ImageClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def cli(*args, cwd, **kw) -> subprocess.CompletedProcess:
+    """``underfire ARGS`` as a user runs it: a subprocess, output captured."""
+    return subprocess.run([sys.executable, "-m", "audit.cli", *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def one_error(r: subprocess.CompletedProcess, needle: str, code: int = 1) -> str:
+    """The run ended with status ``code`` and exactly one 'Error:' line containing ``needle``, no traceback."""
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    return errors[0]
 
 
 class _NaNNet(nn.Module):

@@ -17,30 +17,8 @@ from PIL import Image
 
 from audit.report import SCHEMA_VERSION, ReportError, load_report, render_html
 from audit.runner import AuditConfig, AuditError
+from tests.helpers import ENV, cli, one_error
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = """
-name = "tiny"
-batch_size = 2
-bootstrap = 50
-examples = 1
-[[targets]]
-model = "fmnist_resnet"
-interpreters = ["cam", "rts"]
-n = 4
-attacks = ["pgd", "adv2", "adaptive"]
-defenses = ["squeeze"]
-shorten = 50
-calibration_n = 32
-adaptive_interpreters = ["cam"]
-target_maps = ["benign", "shapes"]
-"""
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def cli(*args, cwd, check=False, **kw):
-    return subprocess.run([sys.executable, "-m", "audit.cli", *args], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=600, check=check, **kw)
 
 
 def records(run: Path) -> dict:
@@ -102,9 +80,15 @@ def test_resume_after_kill_gives_identical_results(full_run, work):
     t0 = time.time()
     while not first.exists() and p.poll() is None and time.time() - t0 < 300:
         time.sleep(0.2)
+    assert p.poll() is None, "the first run ended before it could be caught working"
+    busy = cli("audit", "--config", "tiny.toml", "--out", "killed", "--resume", cwd=work)
+    one_error(busy, f"in use by process {p.pid}")  # a second process on a locked folder is refused
+    busy = cli("audit", "--config", "tiny.toml", "--out", "killed", "--overwrite", cwd=work)
+    one_error(busy, f"in use by process {p.pid}")
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert first.exists() and not (work / "killed" / "tiny" / "report.json").exists()
+    assert (work / "killed" / ".tiny.lock").exists()  # a dead process's lock: stale, taken over below
     again = cli("audit", "--config", "tiny.toml", "--out", "killed", cwd=work)
     assert again.returncode == 1 and "--resume" in again.stderr  # never silently overwrites a run
     other = cli("audit", "--config", "tiny.toml", "--out", "killed", "--resume", "--batch-size", "3", cwd=work)
@@ -113,6 +97,58 @@ def test_resume_after_kill_gives_identical_results(full_run, work):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "batch 1/2 already in the journal, skipped" in r.stderr
     assert records(work / "killed" / "tiny") == records(run_a)
+    assert not (work / "killed" / ".tiny.lock").exists()
+
+
+def test_resume_refuses_batches_of_another_run(full_run, work, tmp_path):
+    """A journal batch copied into another batch's place, or made with other settings, is refused by name."""
+    import shutil
+
+    run = tmp_path / "runs" / "tiny"
+    shutil.copytree(full_run[0], run)
+    (run / "report.json").unlink()
+    journal = run / "journal" / "fmnist_resnet@fashion-mnist"
+    shutil.copy(journal / "batch_00000.json", journal / "batch_00001.json")
+    r = cli("audit", "--config", work / "tiny.toml", "--out", tmp_path / "runs", "--resume", cwd=work)
+    one_error(r, "covers samples 0–1, but batch batch_00001 is samples 2–3")
+    (journal / "batch_00001.json").unlink()
+    rec = json.loads((journal / "batch_00000.json").read_text())
+    rec["fingerprint"]["config"]["targets.eps"] = 16  # as if made by a run with another ε
+    (journal / "batch_00000.json").write_text(json.dumps(rec))
+    r = cli("audit", "--config", work / "tiny.toml", "--out", tmp_path / "runs", "--resume", cwd=work)
+    one_error(r, "targets.eps: 16 → None")
+
+
+def test_resume_refuses_a_replaced_checkpoint(tmp_path):
+    """The model file swapped between a kill and --resume: same path, same config, other weights → refused."""
+    import shutil
+
+    from guard.models import CHECKPOINT_DIR
+
+    shutil.copy(CHECKPOINT_DIR / "fmnist_resnet.pt", tmp_path / "m.pt")
+    args = ("audit", "--model", tmp_path / "m.pt", "--n", "2", "--batch-size", "1", "--interpreters", "cam",
+            "--attacks", "pgd", "--defenses", "", "--shorten", "50", "--name", "swap", "--out", tmp_path / "runs")
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "runs" / "swap"
+    (run / "report.json").unlink()
+    (journal,) = (run / "journal").iterdir()
+    (journal / "batch_00001.json").unlink()  # as if killed after batch 0
+    shutil.copy(CHECKPOINT_DIR / "fmnist_densenet.pt", tmp_path / "m.pt")
+    one_error(cli(*args, "--resume", cwd=tmp_path), "made with other weights")
+
+
+def test_failed_overwrite_keeps_the_finished_run(full_run, work):
+    """--overwrite builds the new run beside the old one: a failure leaves the old run byte for byte."""
+    run, _ = full_run
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for extra, needle in ((["--model", "no_such_model"], "no_such_model"),
+                          (["--model", "tests.helpers:probs_model"], "probabilities")):
+        r = cli("audit", "--config", "tiny.toml", "--out", "runs", "--overwrite", *extra, cwd=work)
+        one_error(r, needle, code=4 if needle == "probabilities" else 1)
+        after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        assert after == before
+        assert not [p.name for p in (work / "runs").iterdir() if p.name.startswith(".tiny")]  # no staging, no lock
 
 
 def test_torchrun_two_processes_equal_one(full_run, work):
@@ -141,10 +177,7 @@ def test_fail_above_exit_codes(work, full_run):
 
 
 def _one_error(r, needle: str, out: Path):
-    assert r.returncode == 1, r.stderr[-2000:]
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    one_error(r, needle)
     assert not list(out.rglob("report.json")) and not list(out.rglob("report.html"))
 
 
