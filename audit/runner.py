@@ -3,21 +3,29 @@
     report = run_audit(AuditConfig(targets=[Target("fmnist_resnet")]), run_dir=Path("runs/x"))
 
 For each target (a deployment and its data) the runner
-1. builds the model, its interpreters and the configured defenses (feature squeezing, an ensemble
-   disagreement detector), and runs pre-flight checks (eval mode, logits out, finite outputs, a map with
-   a gradient w.r.t. the input — warned about loudly, since a masked gradient makes any audit under-report);
+1. builds the model, its interpreters and data, and runs the pre-flight checks of EVERY target before any
+   attack: finite (B, K) outputs; logits, not probabilities (unless declared, ``outputs = "probs"``: the log is
+   taken); a model better than chance on its own audit data (one-sided binomial test on labelled data;
+   on unlabelled data not near-uniform and not one class for everything), unless random weights were asked
+   for; a gradient of the logits and of every attacked map w.r.t. the input. A failed check raises
+   :class:`AuditRefused` (exit status 4): the audit never reports a deployment it cannot measure as safe;
 2. takes the first ``n`` correctly classified inputs, draws target classes c_t = (y + randint(1, K)) mod K,
    calibrates the detectors on disjoint benign data at the configured FPR;
-3. per batch: PGD, ADV² per interpreter, optionally stAdv-ADV² (CAM), adaptive ADV² against each defense,
-   the transfer of each ADV² to the other interpreters, and a noise reference (the map of x + uniform
-   noise of the same ε) — every metric per sample, journaled per batch so ``resume`` never redoes a batch;
-4. aggregates once (mean, std, bootstrap 95% CI) and scores spoofability.
+3. per batch: PGD (always: it checks that attacks work here), ADV² per interpreter, optionally stAdv-ADV²
+   (CAM), adaptive ADV² against each defense, the transfer of each ADV² to the other interpreters, and the
+   map noise behind τ (``noise_draws`` uniform-noise draws per input, the benign class fixed) — every metric
+   per sample, journaled per batch with the fingerprints of weights, data and settings, so ``resume`` never
+   redoes a batch and never mixes in one of another run;
+4. aggregates once (rates with exact Clopper–Pearson intervals; means with a bootstrap) and scores
+   spoofability; a target whose plain PGD reaches fewer than ``min_pgd_asr`` of its inputs is INCONCLUSIVE,
+   and so is the headline.
 
 Spoofability of an interpreter (the headline; higher = worse for the deployment): the fraction of audited
 inputs on which ADV² reaches its target class on the 8-bit image while the interpreter's map stays within
 the benign noise level τ — L1(adversarial map, benign map) ≤ τ, with τ the 95th percentile of
-L1(map of x, map of x + uniform noise in [−a, a]) over the audited inputs, a = ε/2 by default. Under a defense, the adaptive
-attack must also go undetected. The report carries these definitions.
+L1(map of x, map of x + uniform noise in [−a, a]), both for the benign class, pooled over inputs × draws,
+a = ε/2 by default. Under a defense, the adaptive attack must also go undetected. The report carries these
+definitions.
 
 Under ``torchrun`` the batches are sharded by rank (batch i on rank i mod world); rank 0 merges the
 journals into one report, identical to a single-process run with the same seed.
