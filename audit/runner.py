@@ -991,7 +991,6 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
         dep = deps.pop(key)
         for w in dep.warnings:
             progress(f"{key}: {w}")
-        dets = build_detectors(t, dep, cfg.fpr, progress)
         journal = Journal(run_dir, key, fingerprint(cfg, t, dep))
         n = len(dep.x)
         bs = resolve_batch_size(cfg, t, dep, journal, resume, rank, world)
@@ -999,6 +998,10 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
             progress(f"{key}: batch size {bs} (auto, {dep.x.device.type})")
         n_batches = math.ceil(n / bs)
         index = [list(range(i * bs, min(n, (i + 1) * bs))) for i in range(n_batches)]
+        if resume:  # refuse another run's batches before any work
+            for i in range(n_batches):
+                journal.load(i, index[i])
+        dets = build_detectors(t, dep, cfg.fpr, progress)
         t0, done_here = time.time(), 0
         mine = [i for i in range(n_batches) if i % world == rank]
         for j, i in enumerate(mine):

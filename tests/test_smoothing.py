@@ -1,0 +1,83 @@
+"""Smoothed interpreters and their per-pixel certificate: the contract, known answers, the vote's bound."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from guard.interpreters import build_interpreter
+from guard.interpreters.base import Explanation, Interpreter
+from guard.smoothing import Smoothed, linf_as_l2, lower_bound, radius
+from tests.conftest import tiny_classifier
+
+
+class FixedMap(Interpreter):
+    """A map that ignores the input: pixel i has value i / P."""
+
+    name = "fixed"
+
+    def native_size(self, hw):
+        return (4, 4)
+
+    def explain(self, x, target):
+        m = torch.arange(16, dtype=x.dtype).view(1, 1, 4, 4).expand(x.shape[0], 1, 4, 4) / 15
+        return Explanation(self.model(x), m + 0 * x.mean())
+
+
+def test_smoothed_is_an_interpreter_with_a_gradient():
+    model = tiny_classifier()
+    sm = Smoothed(build_interpreter("cam", model), sigma=0.05, samples=4)
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64, requires_grad=True)
+    e = sm(x)
+    assert e.saliency.shape == (3, 1, 7, 7) and e.logits.shape == (3, 10)
+    assert float(e.saliency.detach().min()) >= 0 and float(e.saliency.detach().max()) <= 1
+    (g,) = torch.autograd.grad(e.saliency.sum(), x)
+    assert torch.isfinite(g).all() and float(g.abs().sum()) > 0
+    assert not model.training
+
+
+def test_one_sample_without_noise_is_the_base_map():
+    model = tiny_classifier()
+    cam = build_interpreter("cam", model)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(Smoothed(cam, sigma=0.0, samples=1)(x).saliency, cam(x).saliency, atol=1e-9, rtol=0)
+
+
+def test_vote_bound_matches_a_direct_binomial_computation():
+    from scipy.stats import binomtest
+
+    for c, n, a in ((100, 100, 0.05), (73, 100, 0.01), (51, 100, 0.05), (0, 20, 0.05), (9, 10, 0.001)):
+        direct = binomtest(c, n).proportion_ci(confidence_level=1 - 2 * a, method="exact").low
+        assert float(lower_bound(torch.tensor([c]), n, a)) == pytest.approx(direct, abs=1e-9)
+    assert float(radius(torch.tensor([0.4]), 0.25)) == 0.0  # no majority: no certificate
+
+
+def test_certificate_of_a_map_that_ignores_the_input():
+    """Every copy votes the same top-k: each pixel is decided, with p_lower = (α/P)^(1/n) and radius σ·Φ⁻¹ of it."""
+    from scipy.stats import norm
+
+    sm = Smoothed(FixedMap(tiny_classifier()), sigma=0.25, samples=50)
+    cert = sm.certify(torch.rand(2, 1, 28, 28, dtype=torch.float64), samples=50, k=0.25, alpha=0.05)
+    want = torch.zeros(16, dtype=torch.int8)
+    want[12:] = 1  # the four largest of 16 pixels
+    assert (cert["decision"] == want).all()
+    p = (0.05 / 16) ** (1 / 50)
+    torch.testing.assert_close(cert["p_lower"], torch.full((2, 16), p, dtype=torch.float64), atol=1e-9, rtol=0)
+    r = 0.25 * norm.ppf(p)
+    torch.testing.assert_close(cert["radius"], torch.full((2, 16), r, dtype=torch.float64), atol=1e-9, rtol=0)
+    expect = [1.0 if rad <= r else 0.0 for rad in cert["radii"]]
+    assert cert["certified"].tolist() == [expect, expect]
+
+
+def test_certificate_on_a_real_model(fmnist_resnet, fmnist_small):
+    x, _ = fmnist_small
+    sm = Smoothed(build_interpreter("cam", fmnist_resnet), sigma=0.1, samples=8)
+    cert = sm.certify(x[:2], samples=40, k=0.2)
+    f = cert["certified"]
+    assert f.shape == (2, 3) and float(f.min()) >= 0 and float(f.max()) <= 1
+    assert (f[:, 0] >= f[:, 1]).all() and (f[:, 1] >= f[:, 2]).all()  # larger radius, fewer certified pixels
+    assert set(cert["decision"].unique().tolist()) <= {-1, 0, 1}
+    assert linf_as_l2(24 / 255, (1, 28, 28)) == pytest.approx(24 / 255 * 28)
+    assert math.isfinite(float(cert["radius"].max()))
