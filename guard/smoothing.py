@@ -4,7 +4,7 @@ A wrapper in the way captum's NoiseTunnel wraps a method: ``Smoothed(base)`` is 
 map is the base map averaged over N Gaussian copies of the input (Levine, Singla & Feizi 2019, *Certifiably
 robust interpretation*; SmoothGrad when the base is GRAD)::
 
-    sm = Smoothed(build_interpreter("cam", model), sigma=0.1, samples=8)
+    sm = Smoothed(build_interpreter("cam", model), sigma=0.1, samples=8)   # or build_interpreter("smooth:cam", model)
     e = sm(x)                                   # map = minmax(mean_i cam(clip(x + δ_i) | c)), δ_i ~ N(0, σ²I)
     cert = sm.certify(x, samples=100, k=0.2)    # per pixel: in / out of the top-20%, or abstain, and a radius
 
@@ -74,7 +74,7 @@ class Smoothed(Interpreter):
             raise InterpreterError(f"smoothing needs sigma ≥ 0 and samples ≥ 1, got {sigma}, {samples}")
         super().__init__(base.model)
         self.base, self.sigma, self.samples = base, float(sigma), int(samples)
-        self.name = f"smoothed-{base.name}"
+        self.name = f"smooth:{base.name}"  # its registry key: build_interpreter("smooth:cam", model)
 
     def modules(self) -> tuple:
         return tuple({id(m): m for m in (self.model, *self.base.modules())}.values())

@@ -81,3 +81,15 @@ def test_certificate_on_a_real_model(fmnist_resnet, fmnist_small):
     assert set(cert["decision"].unique().tolist()) <= {-1, 0, 1}
     assert linf_as_l2(24 / 255, (1, 28, 28)) == pytest.approx(24 / 255 * 28)
     assert math.isfinite(float(cert["radius"].max()))
+
+
+def test_smooth_prefix_builds_a_smoothed_interpreter_and_its_adv2_preset():
+    from attacks.adv2 import make_adv2
+    from guard.interpreters.base import InterpreterError
+
+    model = tiny_classifier()
+    sm = build_interpreter("smooth:grad", model, sigma=0.05, samples=2)
+    assert isinstance(sm, Smoothed) and sm.name == "smooth:grad" and sm.sigma == 0.05
+    assert make_adv2("smooth:grad", 8 / 255, "short").describe() == make_adv2("grad", 8 / 255, "short").describe()
+    with pytest.raises(InterpreterError, match="one-pass"):
+        build_interpreter("smooth:mask", model)

@@ -191,8 +191,19 @@ def register(name: str):
 
 
 def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
-    """Build a registered interpreter by name (grad, cam, mask, rts); kwargs go to its constructor."""
+    """Build a registered interpreter by name (grad, cam, mask, rts); kwargs go to its constructor.
+
+    ``smooth:<name>`` wraps interpreter ``<name>`` in :class:`guard.smoothing.Smoothed` (kwargs: sigma, samples).
+    """
     from guard import interpreters  # noqa: F401  (fills the registry)
+
+    if name.startswith("smooth:"):
+        from guard.smoothing import Smoothed
+
+        inner = name.split(":", 1)[1]
+        if inner == "mask" or inner.startswith("smooth:"):
+            raise InterpreterError(f"{name!r}: smoothing wraps a one-pass interpreter (grad, cam, rts), not {inner!r}")
+        return Smoothed(build_interpreter(inner, model), **kwargs)
 
     if name not in REGISTRY:
         raise InterpreterError(f"unknown interpreter {name!r}; known: {', '.join(sorted(REGISTRY))}")
