@@ -164,6 +164,12 @@ def _rate(r: dict | None) -> str:
     return f"{r['mean']:.0%} [{lo:.0%}–{hi:.0%}]"
 
 
+def _cert_text(c: dict, tg: dict) -> str:
+    fr = ", ".join(f"{v:.0%} at r = {r:g}" for r, v in zip(c["radii"], c["mean"]))
+    return (f"certified top-{c['k']:.0%} pixels of {c['samples']} noisy copies: {fr} (ℓ2; the ℓ∞ budget reaches "
+            f"ℓ2 {tg.get('linf_as_l2', float('nan')):.2f})")
+
+
 def headline_text(report: dict) -> str:
     h = report["headline"]
     if h["spoofability"] is None:
@@ -196,6 +202,8 @@ def summary_text(report: dict) -> str:
                 ref = f", PGD within τ {_rate(a['pgd_within_tau'])}" if "pgd_within_tau" in a else ""
                 lines.append(f"  spoofability {name}: {_rate(a['spoofability'])} (τ = {a['tau']:.3f} "
                              f"[{te['ci95'][0]:.3f}–{te['ci95'][1]:.3f}]{ref}){extra}")
+            if "certified" in a:
+                lines.append(f"  {_cert_text(a['certified'], tg)}")
     lines.append("\n[a–b]: exact (Clopper–Pearson) 95% intervals of rates; τ [a–b]: bootstrap interval over inputs")
     return "\n".join(lines)
 
@@ -369,6 +377,9 @@ def render_html(report: dict) -> str:
         parts.append("<h3>Spoofability</h3><table><tr><th>interpreter</th><th>undefended (ADV²)</th>"
                      "<th>noise level τ [bootstrap 95% CI]</th><th>PGD within τ (reference)</th>" + "".join(f"<th>under {d} (adaptive ADV²)</th>" for d in t["defenses"])
                      + f"</tr>{sp}</table>")
+        for n, a in tg["summary"]["interpreters"].items():
+            if "certified" in a:
+                parts.append(f"<p>{n.upper()}: {html.escape(_cert_text(a['certified'], tg))}</p>")
         te = next(iter(tg["summary"]["interpreters"].values()))["tau_estimate"]
         parts.append(f"<p><small>Rates show exact (Clopper–Pearson) 95% intervals. τ is the 95th percentile of "
                      f"the map noise pooled over {te.get('inputs', 0)} inputs × {te.get('draws', 0)} noise draws, the "
