@@ -566,9 +566,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     for name, it in dep.interpreters.items():
         if isinstance(it, Smoothed):  # the certificate of its benign top-k map, per input
             progress(f"certifying {name}")
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                torch.manual_seed(seed + sl.start)
-                cert = it.certify(x, dep.y[sl], samples=CERT_SAMPLES, k=CERT_K)
+            cert = it.certify(x, dep.y[sl], samples=CERT_SAMPLES, k=CERT_K)
             out["interpreters"][name]["certified"] = cert["certified"].tolist()  # (B, len(RADII))
     adv_x = {}
     if "pgd" in t.attacks:
@@ -1028,7 +1026,11 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
                 el = time.time() - t0
                 eta = f", eta {el / done_here * (len(mine) - j):.0f}s" if done_here else ""
                 progress(f"{key}: batch {i + 1}/{n_batches}: {msg} [{el:.0f}s{eta}]")
-            rec = _attack_batch(t, dep, dets, sl, cfg.seed, cfg.examples, step)
+            # the global RNG (the smoothing noise of smooth:<name>) seeded per batch: the same records in one
+            # process, under torchrun and after --resume; forked, so nothing outside the batch sees it
+            with torch.random.fork_rng(devices=[dep.x.device] if dep.x.device.type == "cuda" else []):
+                torch.manual_seed(cfg.seed + sl.start)
+                rec = _attack_batch(t, dep, dets, sl, cfg.seed, cfg.examples, step)
             journal.save(i, rec)
             done_here += 1
         if world > 1:
