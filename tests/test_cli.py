@@ -80,6 +80,7 @@ def test_detect_calibrates_then_scores_files(tmp_path):
     assert r.returncode == 1 and "calibrated for model 'fmnist_resnet'" in r.stderr
 
 
+@pytest.mark.slow  # 35–100 s on 2 cores; RTS^A training itself is covered by tests/test_rts_adv.py
 def test_train_rts_adversarial_with_area_match(tmp_path):
     """`train rts --adversarial --own-encoder --area-match`: a checkpoint with its encoder and calibrated balance
     that the `rtsa` interpreter loads, and the quality line."""
