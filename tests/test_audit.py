@@ -160,8 +160,7 @@ def test_failed_overwrite_keeps_the_finished_run(full_run, work):
     """--overwrite builds the new run beside the old one: a failure leaves the old run byte for byte."""
     run, _ = full_run
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    for extra, needle in ((["--model", "no_such_model"], "no_such_model"),
-                          (["--model", "tests.helpers:probs_model"], "probabilities")):
+    for extra, needle in ((["--model", "tests.helpers:probs_model"], "probabilities"),):  # fails after loading
         r = cli("audit", "--config", "tiny.toml", "--out", "runs", "--overwrite", *extra, cwd=work)
         one_error(r, needle, code=4 if needle == "probabilities" else 1)
         after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}

@@ -112,8 +112,20 @@ def test_audit_attacks_a_smoothed_interpreter_and_reports_its_certificate(tmp_pa
     assert "certified" not in tg["summary"]["interpreters"]["cam"]
     assert tg["summary"]["interpreters"]["smooth:cam"]["adv2"]["asr"]["n"] == 2
     assert tg["linf_as_l2"] == pytest.approx(24 / 255 * 28)
-    again = cli("audit", "--model", "fmnist_resnet", "--interpreters", "cam,smooth:cam", "--n", "2", "--attacks",
-                "pgd,adv2", "--defenses", "", "--shorten", "50", "--out", tmp_path, "--name", "again", cwd=tmp_path)
+
+
+@pytest.mark.slow  # two audits (≈ 40 s on 2 cores)
+def test_smoothed_audit_records_are_reproducible(tmp_path):
+    """The smoothing noise is seeded per batch: a rerun gives identical records."""
+    import json
+
+    from tests.helpers import cli
+
+    args = ("audit", "--model", "fmnist_resnet", "--interpreters", "cam,smooth:cam", "--n", "2", "--attacks",
+            "pgd,adv2", "--defenses", "", "--shorten", "50", "--out", tmp_path)
+    r = cli(*args, cwd=tmp_path)
+    (tg,) = json.loads((tmp_path / "default" / "report.json").read_text())["targets"].values()
+    again = cli(*args, "--name", "again", cwd=tmp_path)
     assert again.returncode == r.returncode
     (tg2,) = json.loads((tmp_path / "again" / "report.json").read_text())["targets"].values()
     assert tg2["records"] == tg["records"]  # the smoothing noise is seeded per batch: a rerun is identical
