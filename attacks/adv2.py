@@ -245,8 +245,9 @@ class MaskAdv2(Attack):
 def make_adv2(interpreter: str, eps: float = 8 / 255, schedule: str = "paper", **kw) -> Attack:
     """The ADV² for an interpreter name: the bilevel MaskAdv2 for "mask", Adv2 with its preset otherwise
     (``smooth:<name>`` takes the preset of ``<name>``; each of its calls draws new noise, so the attack's
-    gradient is an expectation over the smoothing noise: EOT)."""
-    interpreter = interpreter.removeprefix("smooth:")
+    gradient is an expectation over the smoothing noise: EOT; ``beta:grad`` that of GRAD, differentiating the
+    deployed softplus-β map itself)."""
+    interpreter = interpreter.removeprefix("smooth:").removeprefix("beta:")
     if interpreter == "mask":
         kw["lam"] = kw.get("lam", 1.0) * kw.pop("lam_scale", 1.0)
         return MaskAdv2(eps, schedule=schedule, **kw)

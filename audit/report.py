@@ -76,6 +76,9 @@ import numpy as np  # noqa: E402
 SCHEMA_VERSION = 2  # 2: exact rate intervals, τ over several draws per input, status, journal fingerprints
 ATTACK_LABELS = {"pgd": "PGD", "adv2": "ADV²", "adaptive-squeeze": "ADV²* vs squeezing",
                  "adaptive-ensemble": "ADV²* vs ensemble", "stadv2": "stAdv-ADV²",
+                 "adaptive-ensemble-norm": "ADV²* vs ensemble-norm", "adaptive-stability": "ADV²* vs stability",
+                 "adaptive-learned": "ADV²* vs learned", "defense-smooth": "ADV²* on smoothed map",
+                 "defense-beta": "ADV²* on β-smoothed map",
                  "adv2-shapes": "ADV² → shape map†", "adv2-other": "ADV² → other-class map†"}
 
 
@@ -170,6 +173,34 @@ def _cert_text(c: dict, tg: dict) -> str:
             f"ℓ2 {tg.get('linf_as_l2', float('nan')):.2f})")
 
 
+def comparison_rows(cmp: dict) -> list[list[str]]:
+    """The defense comparison of one interpreter as text cells (terminal and HTML share them)."""
+    from audit.defenses import cost_text
+
+    out = []
+    for r in cmp["rows"]:
+        if not r["applies"]:
+            out.append([r["defense"], "not applicable / not run"] + [""] * 5)
+            continue
+        auc = "–" if r.get("auc") is None else f"{r['auc']:.2f}"
+        if r.get("auc_plain") is not None:
+            auc += f" / {r['auc_plain']:.2f}"
+        fid = r.get("fidelity_l1")
+        out.append([r["defense"], _rate(r["spoofability"]), _rate(r["asr"]),
+                    _fmt(r["fpr_heldout"], True), auc, _fmt(fid["mean"]) if fid else "–",
+                    cost_text(r["cost"]) if r.get("cost") else "–"])
+    return out
+
+
+COMPARISON_HEAD = ["defense", "spoofability [95% CI]", "ASR of its attack", "FPR held-out", "AUC adaptive / plain",
+                   "map L1 cost", "extra per input"]
+COMPARISON_NOTE = ("Each defense is scored under an attack that knows it: detectors under ADV² with the detector's "
+                   "hinge (ASR = reaching c_t; spoofability also needs undetected and within τ), map defenses under "
+                   "ADV² against the defended map (smoothing: fresh noise each step, EOT) with their own τ. AUC: "
+                   "held-out benign vs that attack's successful inputs (and vs plain ADV²). Map L1 cost: L1 between "
+                   "the defended and the plain benign map. No defense changes the classifier (clean accuracy cost 0).")
+
+
 def headline_text(report: dict) -> str:
     h = report["headline"]
     if h["spoofability"] is None:
@@ -195,8 +226,8 @@ def summary_text(report: dict) -> str:
             lines.append(f"  {r['interpreter']:<12}{ATTACK_LABELS.get(r['attack'], r['attack']):<24}"
                          f"{asr:>16}{_fmt(r['l1']):>8}{_fmt(r['iou']):>7}  {dets}")
         for name, a in tg["summary"]["interpreters"].items():
-            extra = "".join(f", under {k.split('_', 1)[1]} {_rate(v)}" for k, v in a.items()
-                            if k.startswith("spoofability_"))
+            extra = "" if "comparison" in a else "".join(f", under {k.split('_', 1)[1]} {_rate(v)}"
+                                                         for k, v in a.items() if k.startswith("spoofability_"))
             if "spoofability" in a:
                 te = a["tau_estimate"]
                 ref = f", PGD within τ {_rate(a['pgd_within_tau'])}" if "pgd_within_tau" in a else ""
@@ -204,6 +235,19 @@ def summary_text(report: dict) -> str:
                              f"[{te['ci95'][0]:.3f}–{te['ci95'][1]:.3f}]{ref}){extra}")
             if "certified" in a:
                 lines.append(f"  {_cert_text(a['certified'], tg)}")
+        for name, a in tg["summary"]["interpreters"].items():
+            if "comparison" not in a:
+                continue
+            widths = (15, 18, 18, 7, 12, 8, 18)
+            head = ("defense", "spoofability", "its attack's ASR", "FPR", "AUC a / p", "map L1", "extra per input")
+            lines.append(f"  defenses of {name} (each under its adaptive attack):")
+            lines.append("    " + "".join(f"{h:<{w}}" for h, w in zip(head, widths)).rstrip())
+            for cells in comparison_rows(a["comparison"]):
+                lines.append("    " + "".join(f"{c:<{w}}" for c, w in zip(cells, widths)).rstrip())
+            lines.append(f"    → {a['comparison']['verdict']['text']}")
+            for d, info in a.get("defense_info", {}).items():
+                if "certified" in info:
+                    lines.append(f"    {d}: {_cert_text(info['certified'], tg)}")
     lines.append("\n[a–b]: exact (Clopper–Pearson) 95% intervals of rates; τ [a–b]: bootstrap interval over inputs")
     return "\n".join(lines)
 
@@ -385,6 +429,18 @@ def render_html(report: dict) -> str:
                      f"the map noise pooled over {te.get('inputs', 0)} inputs × {te.get('draws', 0)} noise draws, the "
                      f"benign class fixed; its interval is a bootstrap over inputs (how stable τ is at this n)."
                      f"</small></p>")
+        cmp = [(n, a["comparison"]) for n, a in tg["summary"]["interpreters"].items() if "comparison" in a]
+        if cmp:
+            parts.append("<h3>Defenses compared</h3>")
+            for n, c in cmp:
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in COMPARISON_HEAD)
+                body = "".join("<tr>" + "".join(f"<td{' class=l' if i == 0 else ''}>{html.escape(v)}</td>"
+                                                 for i, v in enumerate(cells)) + "</tr>"
+                               for cells in comparison_rows(c))
+                v = c["verdict"]
+                parts.append(f"<h4>{n.upper()}</h4><table><tr>{head}</tr>{body}</table>"
+                             f"<p class='{'good' if v['helps'] else 'warnc'}'>{html.escape(v['text'])}</p>")
+            parts.append(f"<p><small>{html.escape(COMPARISON_NOTE)}</small></p>")
         parts.append("<h3>Benign vs adversarial maps</h3>" + _examples_html(tg))
         parts.append("<h3>Attacks</h3>" + _table(tg))
         parts.append(f"<img src='data:image/png;base64,{_bars(tg)}'><br><img src='data:image/png;base64,{_curves(tg)}'>")

@@ -53,19 +53,22 @@ from attacks.adv2 import PGD, make_adv2
 from attacks.pgd import PRECISIONS
 from attacks.stadv import StAdv2
 from attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
+from audit.defenses import DEFENSES, DETECTORS, MAPS, NEEDS_TWO, compare, detector_cost, map_cost, map_defense_name
 from audit.metrics import K_GRID, confidence, iou_curve, l1, rate
 from audit.report import SCHEMA_VERSION
-from guard.ensemble import DisagreementDetector, InterpreterEnsemble
+from guard.calibration import roc_auc
+from guard.ensemble import DisagreementDetector, InterpreterEnsemble, NormalisedDisagreementDetector
+from guard.learned import LearnedDetector
 from guard.interpreters import build_interpreter
 from guard.models import load_model
 from guard.smoothing import RADII, Smoothed, linf_as_l2
 from guard.squeeze import SqueezeDetector
+from guard.stability import StabilityDetector
 from training.data import DataError, ImageFolderDataset, fashion_mnist, photos, stack
 from training.loop import distributed_setup
 
 log = logging.getLogger(__name__)
 ATTACKS = ("pgd", "adv2", "stadv2", "adaptive")
-DEFENSES = ("squeeze", "ensemble")
 TARGET_MAPS = ("benign", "shapes", "other")
 Progress = Callable[[str], None]
 # The adaptive attacks' hinge pulls against the map term; λ ×3 restores most of the map fidelity
@@ -117,6 +120,11 @@ class Target:
     adv2_interpreters: list[str] | None = None  # interpreters ADV² attacks; None: all (the others only read)
     adaptive_interpreters: list[str] | None = None  # None: every differentiable-at-low-cost one (not mask)
     ensemble_members: list[str] | None = None  # the disagreement detector's members; None: all but mask
+    stability_members: list[str] | None = None  # the stability detector's members; None: all but mask
+    learned_n: int = 32  # calibration images attacked (PGD + each adaptive ADV²) to train the learned detector
+    smooth_sigma: float = 0.1  # the smooth defense: Gaussian noise σ on [0, 1] images
+    smooth_samples: int = 8  # ... and noisy copies per map
+    beta: float = 3.0  # the beta defense: softplus-β in GRAD's backward pass
     schedule: str = "short"
     shorten: int = 8
     calibration_n: int = 256
@@ -199,7 +207,7 @@ class AuditConfig:
 
 def _validate_target(t: Target) -> None:
     where = f"target {t.key()}"
-    for k in ("n", "shorten", "calibration_n", "noise_draws"):
+    for k in ("n", "shorten", "calibration_n", "noise_draws", "learned_n", "smooth_samples"):
         if getattr(t, k) < 1:
             raise AuditError(f"{where}: {k} must be an integer ≥ 1, got {getattr(t, k)}")
     for k in ("eps", "noise"):
@@ -212,14 +220,22 @@ def _validate_target(t: Target) -> None:
         t.attacks = ["pgd", *t.attacks]
     if unknown := set(t.attacks) - set(ATTACKS):
         raise AuditError(f"unknown attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
-    if unknown := set(t.defenses) - set(DEFENSES):
-        raise AuditError(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)}")
     if not t.interpreters:
         raise AuditError(f"{where} has no interpreters")
-    if "ensemble" in t.defenses and len(_ensemble_names(t)) < 2:
-        raise AuditError(f"{where}: the ensemble defense needs at least two interpreters "
-                         f"(MASK counts only when named in ensemble_members)")
-    for group in (t.ensemble_members or [], t.adaptive_interpreters or [], t.adv2_interpreters or []):
+    if "all" in t.defenses:  # every defense that applies here (the ensembles need two interpreters)
+        t.defenses = [d for d in DEFENSES if d not in NEEDS_TWO or len(_ensemble_names(t)) >= 2]
+    if unknown := set(t.defenses) - set(DEFENSES):
+        raise AuditError(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)} (or all)")
+    for d in NEEDS_TWO:
+        if d in t.defenses and len(_ensemble_names(t)) < 2:
+            raise AuditError(f"{where}: the {d} defense needs at least two interpreters "
+                             f"(MASK counts only when named in ensemble_members)")
+    if not 0 < t.smooth_sigma <= 1:
+        raise AuditError(f"{where}: smooth_sigma is a noise σ on [0, 1] images, in (0, 1], got {t.smooth_sigma}")
+    if not 0 < t.beta <= 100:
+        raise AuditError(f"{where}: beta (softplus-β) must be in (0, 100], got {t.beta}")
+    for group in (t.ensemble_members or [], t.adaptive_interpreters or [], t.adv2_interpreters or [],
+                  t.stability_members or []):
         if unknown := set(group) - set(t.interpreters):
             raise AuditError(f"{where}: {sorted(unknown)} are not among its interpreters")
     if unknown := set(t.target_maps) - set(TARGET_MAPS):
@@ -308,6 +324,7 @@ class Deployment:
     pool: tuple[torch.Tensor, torch.Tensor] | None = None  # labelled images not audited ("other" target maps)
     precision: str = "fp32"
     compile: bool = False
+    defended: dict = field(default_factory=dict)  # map defense → {interpreter: its defended interpreter}
 
     @property
     def attack_kw(self) -> dict:
@@ -434,11 +451,12 @@ def _gradient_names(t: Target) -> set[str]:
         names |= set(_adv2_names(t))
     if "stadv2" in t.attacks and "cam" in t.interpreters:
         names.add("cam")
-    if "adaptive" in t.attacks:
-        if "squeeze" in t.defenses:
-            names |= set(_adaptive_names(t))
-        if "ensemble" in t.defenses:
+    if "adaptive" in t.attacks and t.defenses:
+        names |= set(_adaptive_names(t))
+        if {"ensemble", "ensemble-norm", "learned"} & set(t.defenses):
             names |= set(_ensemble_names(t))
+        if {"stability", "learned"} & set(t.defenses):
+            names |= set(_stability_names(t))
     return names
 
 
@@ -512,19 +530,67 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     pool = None
     if pool_y is not None and len(pool_x) > int(ok[-1]) + 1:
         pool = (pool_x[int(ok[-1]) + 1:], pool_y[int(ok[-1]) + 1:].to(device))
+    defended = {}
+    for d in MAPS if "adaptive" in t.attacks else ():
+        if d in t.defenses:
+            kw = {"sigma": t.smooth_sigma, "samples": t.smooth_samples} if d == "smooth" else {"beta": t.beta}
+            defended[d] = {n: build_interpreter(map_defense_name(d, n), model, **kw).to(device)
+                           for n in _adaptive_names(t) if map_defense_name(d, n)}
+            if not defended[d]:
+                warnings.append(f"the {d} defense applies to none of the adaptively attacked interpreters "
+                                f"({', '.join(_adaptive_names(t))}); it has no row")
     return Deployment(model, interps, eps, x, y, y_t, None if x_cal is None else x_cal.to(device),
-                      None if x_held is None else x_held.to(device), warnings, pool, precision, compile)
+                      None if x_held is None else x_held.to(device), warnings, pool, precision, compile, defended)
+
+
+def _make_detector(t: Target, dep: Deployment, d: str):
+    members = [dep.interpreters[n] for n in _ensemble_names(t)]
+    if d == "squeeze":
+        return SqueezeDetector(dep.model)
+    if d == "ensemble":
+        return DisagreementDetector(members)
+    if d == "ensemble-norm":
+        return NormalisedDisagreementDetector(members)
+    if d == "stability":
+        return StabilityDetector([dep.interpreters[n] for n in _stability_names(t)])
+    parts = [_make_detector(t, dep, p) for p in ("squeeze", "ensemble-norm", "stability")
+             if p != "ensemble-norm" or len(members) >= 2]
+    return LearnedDetector(parts)
+
+
+def _train_learned(t: Target, dep: Deployment, det: LearnedDetector, progress: Progress) -> torch.Tensor:
+    """Train on the first half of the calibration set: benign, and PGD + each adaptive interpreter's ADV² of its
+    first ``learned_n`` images (their own predictions as classes). Returns the other half, for the threshold."""
+    half = len(dep.x_cal) // 2
+    if half < 2:
+        raise AuditError(f"the learned defense needs at least 4 benign calibration inputs; {t.data} has "
+                         f"{len(dep.x_cal)}")
+    x_fit, x_thr = dep.x_cal[:half], dep.x_cal[half:]
+    xa = x_fit[: t.learned_n]
+    with torch.no_grad():
+        y = dep.model(xa).argmax(1)
+    y_t = target_classes(y.cpu(), dep.model.num_classes, torch.Generator().manual_seed(1)).to(y.device)
+    progress(f"{t.key()}: learned detector: attacking {len(xa)} calibration inputs (PGD, ADV² "
+             f"{', '.join(_adaptive_names(t))})")
+    attacked = [_pgd(t, dep)(next(iter(dep.interpreters.values())), xa, y_t).x_adv]
+    for n in _adaptive_names(t):
+        it = dep.interpreters[n]
+        attacked.append(_adv2(t, dep, n)(it, xa, y_t, benign_maps(it, xa)).x_adv)
+    det.train(x_fit, torch.cat(attacked))
+    return x_thr
 
 
 def build_detectors(t: Target, dep: Deployment, fpr: float, progress: Progress) -> dict:
     dets = {}
     for d in t.defenses:
+        if d not in DETECTORS:
+            continue
         if dep.x_cal is None or len(dep.x_cal) == 0:
             raise AuditError(f"the {d} defense needs benign calibration data; {t.data} has none to spare")
-        progress(f"{t.key()}: calibrating {d} at FPR {fpr:.0%} on {len(dep.x_cal)} benign inputs")
-        det = (SqueezeDetector(dep.model) if d == "squeeze" else
-               DisagreementDetector([dep.interpreters[n] for n in _ensemble_names(t)]))
-        det.calibrate(dep.x_cal, fpr, heldout=dep.x_heldout)
+        det = _make_detector(t, dep, d)
+        x_thr = _train_learned(t, dep, det, progress) if d == "learned" else dep.x_cal
+        progress(f"{t.key()}: calibrating {d} at FPR {fpr:.0%} on {len(x_thr)} benign inputs")
+        det.calibrate(x_thr, fpr, heldout=dep.x_heldout)
         dets[d] = det
     return dets
 
@@ -533,8 +599,18 @@ def build_detectors(t: Target, dep: Deployment, fpr: float, progress: Progress) 
 # One batch: every attack, every metric, per sample
 # ------------------------------------------------------------------------------------------------------------
 def _detect(dets: dict, x_adv: torch.Tensor) -> dict:
-    """Every detector's per-score flags for a batch of adversarial images (they do not depend on the reader)."""
-    return {d: {k: v.tolist() for k, v in det.flags(x_adv).items()} for d, det in dets.items()}
+    """Every detector's per-score flags, and its decision score, for a batch of adversarial images (they do not
+    depend on the reader): {"flags": {d: {score: [bool]}}, "scores": {d: [float]}}."""
+    from guard.interpreters.base import check_input
+
+    out = {"flags": {}, "scores": {}}
+    for d, det in dets.items():
+        check_input(x_adv, det.model)
+        with torch.no_grad():
+            s = det.scores(x_adv)
+        out["flags"][d] = {k: v.tolist() for k, v in det._flag(s).items()}
+        out["scores"][d] = s[det.decision].tolist()
+    return out
 
 
 def _record(it, x_adv: torch.Tensor, y_t: torch.Tensor, bm: torch.Tensor, dets: dict, keep: int,
@@ -549,7 +625,8 @@ def _record(it, x_adv: torch.Tensor, y_t: torch.Tensor, bm: torch.Tensor, dets: 
     rec = {"success": (e.logits.argmax(1) == y_t).tolist(), "confidence": confidence(e.logits).tolist(),
            "l1": l1(e.saliency, bm).tolist(), "iou_curve": iou_curve(e.saliency, bm).tolist(),
            "predicted": e.logits.argmax(1).tolist()}
-    rec["detected"] = detected if detected is not None else _detect(dets, x_adv)
+    det = detected if detected is not None else _detect(dets, x_adv)
+    rec["detected"], rec["detector_scores"] = det["flags"], det["scores"]
     rec["images"] = [png_b64(im) for im in x_adv[:keep]]
     rec["maps"] = [png_b64(it.upsample(m[None], x_adv.shape[-2:])[0], cmap=True) for m in e.saliency[:keep]]
     return rec
@@ -591,13 +668,14 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
                     out["interpreters"][name][f"adv2-{kind}"] = rec
         if "adaptive" in t.attacks and name in _adaptive_names(t):
             for d in t.defenses:
-                if d == "squeeze":
-                    progress(f"adaptive ADV²-{name.upper()} vs squeezing")
-                    a = adaptive(_adv2(t, dep, name, lam_scale=ADAPTIVE_LAM),
-                                 dets[d])
+                if d in DETECTORS and d != "ensemble":  # the ensemble's attack goes through all members, below
+                    progress(f"adaptive ADV²-{name.upper()} vs {d}")
+                    a = adaptive(_adv2(t, dep, name, lam_scale=ADAPTIVE_LAM), dets[d])
                     r = a(it, x, y_t, bms[name])
-                    out["interpreters"][name]["adaptive-squeeze"] = _record(it, r.x_adv, y_t, bms[name], dets,
-                                                                            keep)
+                    out["interpreters"][name][f"adaptive-{d}"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
+                elif name in dep.defended.get(d, {}):
+                    out["interpreters"][name][f"defense-{d}"] = _map_defense(t, dep, d, name, sl, seed, keep,
+                                                                              bms[name], progress)
     if "adaptive" in t.attacks and "ensemble" in t.defenses:
         members = [dep.interpreters[n] for n in _ensemble_names(t)]  # the loss covers every member at once
         if len(members) >= 2:
@@ -620,17 +698,37 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     return out
 
 
-def _noise_l1(t: Target, dep: Deployment, sl: slice, seed: int, bms: dict) -> dict[str, list[list[float]]]:
+def _map_defense(t: Target, dep: Deployment, d: str, name: str, sl: slice, seed: int, keep: int,
+                 plain_bm: torch.Tensor, progress: Progress) -> dict:
+    """A map defense of interpreter ``name``: its own noise level, ADV² against the defended map itself (for
+    smoothing an EOT attack: every step's map averages fresh noise), the fidelity cost L1(defended benign map,
+    plain benign map), and for smoothing the certificate."""
+    it = dep.defended[d][name]
+    x, y, y_t = dep.x[sl], dep.y[sl], dep.y_t[sl]
+    bm = benign_maps(it, x)
+    progress(f"ADV²-{name.upper()} vs its {d} defense ({it.name})")
+    r = _adv2(t, dep, it.name)(it, x, y_t, bm)
+    rec = _record(it, r.x_adv, y_t, bm, {}, keep)
+    rec["noise_l1"] = _noise_l1(t, dep, sl, seed, {it.name: bm}, {it.name: it})[it.name]
+    rec["fidelity_l1"] = l1(bm, plain_bm).tolist()
+    if isinstance(it, Smoothed):
+        rec["certified"] = it.certify(x, y, samples=CERT_SAMPLES, k=CERT_K)["certified"].tolist()
+    return rec
+
+
+def _noise_l1(t: Target, dep: Deployment, sl: slice, seed: int, bms: dict,
+              interpreters: dict | None = None) -> dict[str, list[list[float]]]:
     """Per interpreter and input, ``noise_draws`` values of L1(g(x + u | y), g(x | y)): map noise only, the
     benign class y fixed (a draw that flips the prediction does not swap in another class's map)."""
     x, y = dep.x[sl], dep.y[sl]
+    interpreters = dep.interpreters if interpreters is None else interpreters
     gen = torch.Generator().manual_seed(seed + sl.start)
     amplitude = dep.eps / 2 if t.noise is None else t.noise / 255
-    per = {name: [] for name in dep.interpreters}
+    per = {name: [] for name in interpreters}
     for _ in range(t.noise_draws):
         u = (torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * amplitude
         x_noise = torch.round((x + u).clamp(0, 1) * 255) / 255
-        for name, it in dep.interpreters.items():
+        for name, it in interpreters.items():
             per[name].append(l1(benign_maps(it, x_noise, y), bms[name]))  # (B,)
     return {name: torch.stack(d, 1).tolist() for name, d in per.items()}  # (B, draws)
 
@@ -665,6 +763,13 @@ def _ensemble_names(t: Target) -> list[str]:
     every step (with MASK the table9 run takes 38 min instead of 11 on one CPU core; README, ensembles)."""
     if t.ensemble_members is not None:
         return list(t.ensemble_members)
+    return [n for n in t.interpreters if n != "mask"]
+
+
+def _stability_names(t: Target) -> list[str]:
+    """Members of the stability detector: like the ensemble's, all interpreters but MASK unless named."""
+    if t.stability_members is not None:
+        return list(t.stability_members)
     return [n for n in t.interpreters if n != "mask"]
 
 
@@ -714,11 +819,15 @@ def noise_level(per_input: list[list[float]], n_boot: int, seed: int) -> dict:
     return out
 
 
-def aggregate(records: dict, decisions: dict, n_boot: int, seed: int) -> dict:
-    """Per interpreter and attack: ASR, MC, L1/IoU over successes, detection rates; spoofability.
+def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors: dict | None = None,
+              defenses: list[str] | None = None, fpr: float = 0.05, smooth_samples: int = 8) -> dict:
+    """Per interpreter and attack: ASR, MC, L1/IoU over successes, detection rates; spoofability, undefended
+    and under each defense's adaptive attack, and the defense comparison (:func:`audit.defenses.compare`).
 
     Rates (ASR, detection, spoofability) carry exact Clopper–Pearson intervals (:func:`audit.metrics.rate`);
-    means of continuous scores (MC, L1, IoU) a percentile bootstrap."""
+    means of continuous scores (MC, L1, IoU) a percentile bootstrap. ``detectors``: per detector defense its
+    decision's held-out FPR, held-out benign decision scores (ROC AUC's benign side) and cost."""
+    detectors = detectors or {}
     agg = {}
     for name, per in records["interpreters"].items():
         noise = noise_level(per["noise_l1"], n_boot, seed)
@@ -753,9 +862,33 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int) -> dict:
                 d = atk.split("-", 1)[1]
                 undetected = [not f for f in rec["detected"][d][decisions[d]]]
                 a_int[f"spoofability_{d}"] = rate(sum(c and u for c, u in zip(close, undetected)), len(ok))
+                info = detectors.get(d, {})
+                benign = info.get("heldout_scores", [])
+                plain = per.get("adv2", {})
+                f, n_held = info.get("fpr_heldout"), info.get("n_heldout", 0)
+                a_int.setdefault("defense_info", {})[d] = {
+                    "asr": row["asr"], "fpr_heldout": f, "cost": info.get("cost"),
+                    "fpr_heldout_rate": rate(round(f * n_held), n_held) if f is not None and n_held else None,
+                    "auc": roc_auc(benign, [rec["detector_scores"][d][i] for i in succ]),
+                    "auc_plain": roc_auc(benign, [plain["detector_scores"][d][i] for i, s in enumerate(plain["success"])
+                                                  if s]) if plain else None}
+            elif atk.startswith("defense-"):  # a map defense: its own τ, the ADV² against the defended map
+                d = atk.split("-", 1)[1]
+                noise_d = noise_level(rec["noise_l1"], n_boot, seed)
+                close = [bool(s) and v <= noise_d["tau"] for s, v in zip(ok, rec["l1"])]
+                a_int[f"spoofability_{d}"] = rate(sum(close), len(ok))
+                a_int.setdefault("defense_info", {})[d] = {
+                    "asr": row["asr"], "tau": noise_d["tau"], "tau_estimate": noise_d,
+                    "fidelity_l1": _ci(rec["fidelity_l1"], n_boot, seed), "cost": map_cost(d, smooth_samples)}
+                if "certified" in rec:
+                    c = torch.tensor(rec["certified"], dtype=torch.float64)
+                    a_int["defense_info"][d]["certified"] = {"radii": list(RADII), "mean": c.mean(0).tolist(),
+                                                            "k": CERT_K, "samples": CERT_SAMPLES, "alpha": 0.05}
             a_int[atk] = row
         if "pgd" in a_int and "adv2" in a_int and a_int["pgd"]["l1"]["mean"]:
             a_int["l1_ratio"] = (a_int["adv2"]["l1"]["mean"] or 0) / a_int["pgd"]["l1"]["mean"]
+        if defenses and "spoofability" in a_int:
+            a_int["comparison"] = compare(a_int, list(defenses), fpr)
         agg[name] = a_int
     transfer = {a: {b: sum(v) / len(v) for b, v in row.items()} for a, row in records.get("transfer", {}).items()}
     return {"interpreters": agg, "transfer": transfer}
@@ -1042,7 +1175,12 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
             raise AuditError(f"journal of {key} is missing batches after the run; run again with --resume")
         records = merge_batches(batches)
         decisions = {d: det.decision for d, det in dets.items()}
-        summary = aggregate(records, decisions, cfg.bootstrap, cfg.seed)
+        det_info = {d: {"fpr_heldout": det.calibration.get("fpr_heldout", {}).get(det.decision),
+                        "n_heldout": det.calibration.get("n_heldout", 0),
+                        "heldout_scores": det.calibration.get("heldout_scores", []), "cost": detector_cost(det)}
+                    for d, det in dets.items()}
+        summary = aggregate(records, decisions, cfg.bootstrap, cfg.seed, det_info, t.defenses, cfg.fpr,
+                            t.smooth_samples)
         report["targets"][key] = {
             "target": asdict(t), "model": dep.model.name, "eps_255": round(dep.eps * 255, 3), "n": n,
             "batch_size": bs, "linf_as_l2": linf_as_l2(dep.eps, dep.x.shape[1:]), "fingerprint": {k: v for k, v in journal.fingerprint.items() if k != "config"},
@@ -1053,7 +1191,9 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
                         "adaptive": {"interpreters": _adaptive_names(t), "lam_scale": ADAPTIVE_LAM,
                                      **adaptive(PGD(dep.eps, 1), next(iter(dets.values()))).adaptive_to[0]}
                         if dets and "adaptive" in t.attacks else None},
+            "map_defenses": {d: {n: it.name for n, it in m.items()} for d, m in dep.defended.items()},
             "detectors": {d: {"kind": det.kind, "decision": det.decision, "thresholds": det.thresholds,
+                              "fitted": det.fitted, "cost": detector_cost(det),
                               "config": det.config(), "calibration": det.calibration} for d, det in dets.items()},
             "records": records,
             "summary": summary,

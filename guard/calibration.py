@@ -42,6 +42,21 @@ def threshold_at_fpr(scores: torch.Tensor, fpr: float) -> float:
     return float(s.sort().values[max(k, 1) - 1])
 
 
+def roc_auc(benign: list[float] | torch.Tensor, attacked: list[float] | torch.Tensor) -> float | None:
+    """ROC AUC (scikit-learn) of a score separating attacked (positive) from benign inputs; None when either
+    side is empty. Non-finite attacked scores count as +inf (they are flagged), benign ones as +inf too."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    b = np.nan_to_num(np.asarray(benign, dtype=np.float64), nan=np.inf)
+    a = np.nan_to_num(np.asarray(attacked, dtype=np.float64), nan=np.inf)
+    if len(b) == 0 or len(a) == 0:
+        return None
+    big = np.finfo(np.float64).max
+    scores = np.clip(np.concatenate([b, a]), -big, big)
+    return float(roc_auc_score(np.r_[np.zeros(len(b)), np.ones(len(a))], scores))
+
+
 def model_identity(model) -> dict:
     """Name and a SHA-1 fingerprint of the weights: thresholds are only valid for the model they came from."""
     h = hashlib.sha1()
@@ -63,6 +78,7 @@ class Detector:
         self.thresholds: dict[str, float] = {}
         self.fpr: float | None = None
         self.calibration: dict = {}
+        self.fitted: dict = {}  # what ``fit`` learned from benign data (saved with the thresholds)
 
     # -- to implement ----------------------------------------------------------------------------------------
     def scores(self, x: torch.Tensor, differentiable: bool = False) -> dict[str, torch.Tensor]:
@@ -71,6 +87,10 @@ class Detector:
 
     def config(self) -> dict:
         return {}
+
+    def fit(self, x_benign: torch.Tensor) -> None:
+        """Learn what the scores need from benign data before thresholds are set (e.g. benign disagreement
+        levels to normalise by); stored in ``self.fitted`` and saved with the thresholds. Default: nothing."""
 
     # -- shared ----------------------------------------------------------------------------------------------
     def score_all(self, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
@@ -88,6 +108,8 @@ class Detector:
         """Set every score's threshold at ``fpr`` on ``x_benign``; report the FPR on ``heldout`` if given."""
         if x_benign is None or x_benign.shape[0] == 0:
             raise DetectorError("calibration set is empty: thresholds need benign inputs")
+        with torch.no_grad():
+            self.fit(x_benign)
         s = self.score_all(x_benign)
         self.thresholds = {k: threshold_at_fpr(v, fpr) for k, v in s.items()}
         self.fpr = fpr
@@ -95,7 +117,10 @@ class Detector:
                             "fpr_calibration": {k: float((v > self.thresholds[k]).float().mean()) for k, v in s.items()}}
         if heldout is not None and heldout.shape[0] > 0:
             self.calibration["n_heldout"] = int(heldout.shape[0])
-            self.calibration["fpr_heldout"] = {k: float(v.float().mean()) for k, v in self.flag_all(heldout).items()}
+            check_input(heldout, self.model)
+            held = self.score_all(heldout)
+            self.calibration["fpr_heldout"] = {k: float(v.float().mean()) for k, v in self._flag(held).items()}
+            self.calibration["heldout_scores"] = held[self.decision].tolist()  # the benign side of ROC AUC
         return self.calibration
 
     def _require_calibrated(self) -> None:
@@ -125,22 +150,25 @@ class Detector:
         return self.flags(x)[self.decision]
 
     def hinge(self, margin: float = 0.75, weight: float = 20.0) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Per-sample Σ_s weight · relu(score_s(x) − margin · threshold_s): the adaptive attacker's term.
+        """Per-sample Σ_s weight · relu(score_s(x) − (t_s − (1 − margin)·|t_s|)): the adaptive attacker's term,
+        which pushes each score below its threshold t_s with a margin (margin · t_s for a positive t_s; a signed
+        score such as the learned detector's logit gets the same relative room below a negative threshold).
 
         Sums over the component scores; an aggregate score (``aggregate``, e.g. the max) is covered by them."""
         self._require_calibrated()
+        aim = {k: t - (1 - margin) * abs(t) for k, t in self.thresholds.items()}
 
         def term(x: torch.Tensor) -> torch.Tensor:
             s = self.scores(x, differentiable=True)
-            return sum(weight * torch.relu(v - margin * self.thresholds[k]) for k, v in s.items()
-                       if k != self.aggregate)
+            return sum(weight * torch.relu(v - aim[k]) for k, v in s.items() if k != self.aggregate)
         return term
 
     # -- files -----------------------------------------------------------------------------------------------
     def state(self) -> dict:
         self._require_calibrated()
         return {"kind": self.kind, "model": model_identity(self.model), "config": self.config(),
-                "thresholds": dict(self.thresholds), "fpr": self.fpr, "calibration": self.calibration}
+                "thresholds": dict(self.thresholds), "fpr": self.fpr, "calibration": self.calibration,
+                "fitted": self.fitted}
 
     def save(self, path: str | os.PathLike) -> None:
         save_checkpoint(self.state(), path)
@@ -158,6 +186,7 @@ class Detector:
             raise DetectorError(f"{source} has no thresholds for {sorted(missing)}: calibrate again")
         self.thresholds = {k: float(v) for k, v in ck["thresholds"].items()}
         self.fpr, self.calibration = ck.get("fpr"), ck.get("calibration", {})
+        self.fitted = ck.get("fitted", {})
         return self
 
     def config_keys(self) -> list[str]:

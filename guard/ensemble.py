@@ -13,7 +13,10 @@ Disagreement scores per input, over all member pairs (i, j):
     corr 1 − mean_ij Pearson r(m_i, m_j)        (the decision; differentiable)
     l1   mean_ij L1(m_i, m_j)                  (differentiable)
     iou  1 − mean_ij IoU of the top-20% pixels (not differentiable; detection only)
-The adaptive attacker's hinge covers the differentiable ones. ``corr`` is the decision because it ignores
+The adaptive attacker's hinge covers the differentiable ones. :class:`NormalisedDisagreementDetector` divides
+each pair's 1 − r by that pair's benign level (its median on the calibration set), so a pair of members
+that always disagree (GRAD vs CAM) does not drown the pairs that usually agree; with two members it
+ranks inputs exactly as ``corr`` does. ``corr`` is the decision because it ignores
 each member's own scale and offset (GRAD is high-frequency, CAM a blob): measured on the Fashion-MNIST
 ResNet (GRAD + CAM + RTS, calibrated at 5% FPR on 500 benign test images, 60 attacked images, ÷4
 schedule) it flags PGD / ADV²-CAM / ADV²-RTS / ADV²-GRAD 12 / 22 / 23 / 13%, where ``l1`` flags 7 / 3 / 8 / 10%
@@ -149,3 +152,34 @@ class DisagreementDetector(Detector):
             raise DetectorError(f"{path} was calibrated for members {names}, not {[m.name for m in members]}")
         det = cls(members, ck.get("config", {}).get("top_k", 20.0))
         return det.load_state(ck, str(path))
+
+
+class NormalisedDisagreementDetector(DisagreementDetector):
+    """Disagreement relative to each member pair's benign level:
+
+        rel(x) = mean_ij (1 − r_ij(x)) / median_benign(1 − r_ij)
+
+    The levels are fitted on the calibration set (``fit``) and saved with the thresholds."""
+
+    kind = "ensemble-norm"
+    decision = "rel"
+
+    def _pair_disagreement(self, x: torch.Tensor) -> torch.Tensor:
+        """(pairs, B): 1 − Pearson r of every member pair."""
+        _, maps = member_maps(self.members, x)
+        return torch.stack([1 - pearson(a, b) for a, b in itertools.combinations(maps, 2)])
+
+    def fit(self, x_benign: torch.Tensor) -> None:
+        d = torch.cat([self._pair_disagreement(x_benign[i:i + 256]).cpu() for i in range(0, len(x_benign), 256)], 1)
+        self.fitted = {"pair_levels": d.median(1).values.clamp_min(1e-6).tolist()}
+
+    def scores(self, x: torch.Tensor, differentiable: bool = False) -> dict[str, torch.Tensor]:
+        if "pair_levels" not in self.fitted:
+            raise DetectorError("the normalised disagreement detector is not fitted: call calibrate() first")
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            d = self._pair_disagreement(x)
+            levels = torch.tensor(self.fitted["pair_levels"], dtype=d.dtype, device=d.device)[:, None]
+            return {"rel": (d / levels).mean(0)}
+
+    def config_keys(self) -> list[str]:
+        return ["rel"]

@@ -179,6 +179,9 @@ def pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tens
 REGISTRY: dict[str, Callable[..., Interpreter]] = {}
 
 
+BETA = 3.0  # β of beta:grad: softplus-3 is visibly smoother than ReLU on [0, 1] images yet keeps the map's shape
+
+
 def register(name: str):
     """Class decorator: make an interpreter buildable by name."""
 
@@ -194,6 +197,8 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
     """Build a registered interpreter by name (grad, cam, mask, rts); kwargs go to its constructor.
 
     ``smooth:<name>`` wraps interpreter ``<name>`` in :class:`guard.smoothing.Smoothed` (kwargs: sigma, samples).
+    ``beta:grad`` is β-smoothed GRAD (Dombrowski et al. 2019): the deployed gradient map is computed through
+    softplus-β in place of every ReLU in the backward pass, always (kwargs: beta, default ``BETA``).
     """
     from guard import interpreters  # noqa: F401  (fills the registry)
 
@@ -204,6 +209,15 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
         if inner == "mask" or inner.startswith("smooth:"):
             raise InterpreterError(f"{name!r}: smoothing wraps a one-pass interpreter (grad, cam, rts), not {inner!r}")
         return Smoothed(build_interpreter(inner, model), **kwargs)
+
+    if name.startswith("beta:"):
+        if name != "beta:grad":
+            raise InterpreterError(f"{name!r}: β-smoothing changes a gradient map's backward pass; only 'beta:grad' "
+                                   f"exists")
+        grad = build_interpreter("grad", model, surrogate="softplus", always_surrogate=True,
+                                 beta=kwargs.pop("beta", BETA), **kwargs)
+        grad.name = name
+        return grad
 
     if name not in REGISTRY:
         raise InterpreterError(f"unknown interpreter {name!r}; known: {', '.join(sorted(REGISTRY))}")

@@ -1,0 +1,118 @@
+"""The defenses an audit compares, and the comparison itself.
+
+Two kinds, each scored only under an attack that knows it:
+- detectors (``DETECTORS``) flag inputs; the adaptive ADV² carries the detector's hinge and must go undetected
+  (``attacks.adaptive``). Costs: a false-positive rate on held-out benign images, and extra model passes.
+  ``squeeze`` feature squeezing; ``ensemble`` interpreter disagreement (mean 1 − Pearson r, attacked through
+  the whole ensemble); ``ensemble-norm`` disagreement relative to each member pair's benign level;
+  ``stability`` how far each member's map moves under noise, a one-pixel shift and a median filter;
+  ``learned`` a logistic regression (scikit-learn) over the other detectors' scores, trained on benign vs
+  PGD / ADV² examples of calibration images.
+- map defenses (``MAPS``) replace the deployed map; ADV² attacks the replaced map itself (for ``smooth``,
+  each step's map averages fresh noise copies: expectation over the transformation). Costs: how far the
+  defended benign map is from the plain one (L1), and the extra map computations.
+  ``smooth`` randomized smoothing (``guard.smoothing``); ``beta`` β-smoothed GRAD (softplus-β backward).
+
+None of them changes the classifier: clean accuracy is unchanged by construction (cost 0).
+"""
+
+from __future__ import annotations
+
+DETECTORS = ("squeeze", "ensemble", "ensemble-norm", "stability", "learned")
+MAPS = ("smooth", "beta")
+DEFENSES = DETECTORS + MAPS
+NEEDS_TWO = ("ensemble", "ensemble-norm")  # need two interpreters to compare
+
+
+def map_defense_name(defense: str, interpreter: str) -> str | None:
+    """The registry name of ``interpreter`` under a map defense (``smooth:cam``), or None when it does not apply."""
+    if ":" in interpreter or interpreter == "mask":
+        return None  # already wrapped, or a multi-step solver (smoothing MASK costs 8 × 300 steps per map)
+    if defense == "smooth":
+        return f"smooth:{interpreter}"
+    if defense == "beta":
+        return "beta:grad" if interpreter == "grad" else None  # only a gradient map has a backward to smooth
+    raise ValueError(defense)
+
+
+def detector_cost(det) -> dict:
+    """Extra work per judged input: classifier forward passes and interpreter maps."""
+    kind = det.kind
+    if kind == "squeeze":
+        return {"forwards": 1 + len(det.squeezers), "maps": 0}
+    if kind in ("ensemble", "ensemble-norm"):
+        return {"forwards": 0, "maps": len(det.members)}
+    if kind == "stability":
+        return {"forwards": 0, "maps": len(det.members) * (1 + len(det.transforms))}
+    if kind == "learned":
+        parts = [detector_cost(p) for p in det.parts]
+        return {"forwards": sum(p["forwards"] for p in parts), "maps": sum(p["maps"] for p in parts)}
+    return {"forwards": None, "maps": None}
+
+
+def map_cost(defense: str, samples: int) -> dict:
+    """A map defense's maps per explanation (in place of the one plain map)."""
+    return {"forwards": 0, "maps": samples if defense == "smooth" else 1}
+
+
+def cost_text(c: dict) -> str:
+    parts = [f"{c[k]} {k if c[k] > 1 else k[:-1]}" for k in ("forwards", "maps") if c.get(k)]
+    return " + ".join(parts) if parts else "none"
+
+
+def compare(a: dict, defenses: list[str], fpr: float) -> dict:
+    """The comparison of one interpreter's defenses from its aggregated summary ``a`` (see ``aggregate``):
+    rows (undefended first) and a verdict naming the defense with the lowest adaptive spoofability among those
+    whose held-out FPR is not significantly above the target ``fpr`` (its exact 95% interval reaches it; map
+    defenses flag nothing), and whether it measurably helps (non-overlapping intervals)."""
+    base = a.get("spoofability")
+    rows = [{"defense": "none", "spoofability": base, "asr": (a.get("adv2") or {}).get("asr"), "fpr_heldout": None,
+             "auc": None, "fidelity_l1": None, "cost": {"forwards": 0, "maps": 0}, "applies": base is not None}]
+    for d in defenses:
+        info = a.get("defense_info", {}).get(d, {})
+        row = {"defense": d, "spoofability": a.get(f"spoofability_{d}"), "asr": info.get("asr"),
+               "fpr_heldout": info.get("fpr_heldout"), "fpr_heldout_rate": info.get("fpr_heldout_rate"),
+               "auc": info.get("auc"), "auc_plain": info.get("auc_plain"),
+               "fidelity_l1": info.get("fidelity_l1"), "tau": info.get("tau"), "cost": info.get("cost"),
+               "applies": a.get(f"spoofability_{d}") is not None}
+        rows.append(row)
+    return {"rows": rows, "verdict": verdict(rows, fpr), "fpr": fpr}
+
+
+def too_many_false_alarms(row: dict, fpr: float) -> bool:
+    """A detector whose held-out false-positive rate is significantly above the target (the lower end of its
+    exact 95% interval is above ``fpr``)."""
+    r = row.get("fpr_heldout_rate")
+    return bool(r and r.get("ci95") and r["ci95"][0] > fpr)
+
+
+def verdict(rows: list[dict], fpr: float) -> dict:
+    base = rows[0]["spoofability"]
+    usable = [r for r in rows[1:] if r["applies"] and not too_many_false_alarms(r, fpr)]
+    costly = [r["defense"] for r in rows[1:] if r["applies"] and r not in usable]
+    out = _verdict(base, usable, fpr)
+    if costly:
+        out["text"] += f" (left out, held-out FPR significantly above {fpr:.0%}: {', '.join(costly)})"
+    return out
+
+
+def _verdict(base: dict | None, usable: list[dict], fpr: float) -> dict:
+    if base is None or base.get("mean") is None:
+        return {"best": None, "helps": False, "text": "undefended spoofability not measured: nothing to compare"}
+    if not usable:
+        return {"best": None, "helps": False,
+                "text": f"no defense was measured within the stated cost (held-out FPR not significantly above "
+                        f"{fpr:.0%})"}
+    best = min(usable, key=lambda r: (r["spoofability"]["mean"], r["spoofability"]["ci95"][1]))
+    b, s = base, best["spoofability"]
+    change = f"{b['mean']:.0%} → {s['mean']:.0%} ({s['k']}/{s['n']})"
+    if s["mean"] >= b["mean"]:
+        return {"best": None, "helps": False,
+                "text": f"no defense lowers spoofability under its adaptive attack (best {best['defense']}: {change})"}
+    if s["ci95"][1] < b["ci95"][0]:
+        return {"best": best["defense"], "helps": True,
+                "text": f"{best['defense']} lowers spoofability under its adaptive attack, {change}; the 95% "
+                        f"intervals do not overlap"}
+    return {"best": best["defense"], "helps": False,
+            "text": f"{best['defense']} is lowest under its adaptive attack, {change}, but the 95% intervals overlap "
+                    f"at n = {s['n']}: not a measured improvement"}

@@ -1,0 +1,234 @@
+"""The defenses beyond squeezing and the plain ensemble: normalised disagreement, map stability, the learned
+detector, β-smoothed GRAD, ROC AUC, and the audit's defense comparison."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks.adaptive import adaptive
+from attacks.adv2 import PGD, make_adv2
+from attacks.targets import benign_maps, target_classes
+from audit.defenses import compare, cost_text, detector_cost, map_defense_name
+from audit.metrics import rate
+from audit.runner import AuditError, Target, _validate_target
+from guard.calibration import DetectorError, roc_auc
+from guard.ensemble import DisagreementDetector, NormalisedDisagreementDetector
+from guard.interpreters import build_interpreter
+from guard.interpreters.base import InterpreterError
+from guard.interpreters.grad import GradSaliency
+from guard.learned import LearnedDetector
+from guard.smoothing import Smoothed
+from guard.squeeze import SqueezeDetector
+from guard.stability import StabilityDetector, Transform, shift
+from tests.conftest import tiny_classifier
+
+
+def test_roc_auc_known_answers():
+    assert roc_auc([0.1, 0.2, 0.3], [0.4, 0.5]) == 1.0
+    assert roc_auc([0.4, 0.5], [0.1, 0.2]) == 0.0
+    assert roc_auc([1.0, 1.0], [1.0, 1.0]) == 0.5
+    assert roc_auc([], [1.0]) is None and roc_auc([1.0], []) is None
+    assert roc_auc([0.0, 0.1], [float("nan")]) == 1.0  # an attacked input that could not be scored is flagged
+
+
+def test_shift_moves_pixels_and_back():
+    x = torch.arange(25.0).view(1, 1, 5, 5)
+    s = shift(x, 1, -1)
+    assert s[0, 0, 2, 2] == x[0, 0, 1, 3]  # content moves down one row and left one column
+    assert torch.equal(shift(s, -1, 1)[..., 1:-1, 1:-1], x[..., 1:-1, 1:-1])  # interior restored
+    assert torch.equal(shift(x, 0, 0), x)
+    with pytest.raises(DetectorError, match="positive size"):
+        Transform("noise-0")
+    with pytest.raises(DetectorError, match="unknown squeezer"):
+        Transform("blur-3")
+
+
+def test_stability_of_a_map_that_ignores_the_input_is_zero_and_levels_are_saved(tmp_path):
+    """A map independent of x never moves (score 0 for noise and the median filter); a shift moves it only by
+    the alignment's border, and the fitted levels travel with the thresholds."""
+    from tests.test_smoothing import FixedMap
+
+    model = tiny_classifier()
+    fixed = FixedMap(model)
+    det = StabilityDetector([fixed], transforms=("noise-8", "median-2"))
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    raw = det.raw(x)
+    assert set(raw) == {"fixed/noise-8", "fixed/median-2"}
+    assert all(float(v.abs().max()) == 0 for v in raw.values())
+    with pytest.raises(DetectorError, match="not fitted"):
+        det.scores(x)
+    det.calibrate(torch.rand(20, 1, 28, 28, dtype=torch.float64), 0.1)
+    assert det.fitted["levels"] == {"fixed/noise-8": 1e-6, "fixed/median-2": 1e-6}  # the floor of a zero level
+    det.save(tmp_path / "s.pt")
+    again = StabilityDetector.load(tmp_path / "s.pt", [fixed])
+    assert again.fitted == det.fitted and again.thresholds == det.thresholds
+    with pytest.raises(DetectorError, match="calibrated for model"):
+        StabilityDetector.load(tmp_path / "s.pt", [FixedMap(tiny_classifier(seed=1))])
+
+
+def test_stability_and_normalised_disagreement_have_gradients():
+    model = tiny_classifier()
+    members = [build_interpreter("grad", model), build_interpreter("cam", model)]
+    xb = torch.rand(12, 1, 28, 28, dtype=torch.float64)
+    for det in (StabilityDetector(members), NormalisedDisagreementDetector(members)):
+        det.calibrate(xb, 0.1)
+        x = torch.rand(3, 1, 28, 28, dtype=torch.float64, requires_grad=True)
+        h = det.hinge(margin=0.0)(x)
+        (g,) = torch.autograd.grad(h.sum(), x)
+        assert h.shape == (3,) and torch.isfinite(g).all() and float(g.abs().sum()) > 0, det.kind
+
+
+def test_normalised_disagreement_of_two_members_ranks_like_correlation(fmnist_resnet, fmnist_test):
+    """With one pair the normalisation is a positive scale: the same ranking, the same flags at the same FPR."""
+    xs = fmnist_test.tensors[0]
+    members = [build_interpreter("grad", fmnist_resnet), build_interpreter("cam", fmnist_resnet)]
+    plain, norm = DisagreementDetector(members), NormalisedDisagreementDetector(members)
+    plain.calibrate(xs[5000:5100], 0.1)
+    norm.calibrate(xs[5000:5100], 0.1)
+    (level,) = norm.fitted["pair_levels"]
+    a, b = plain.score_all(xs[:40])["corr"], norm.score_all(xs[:40])["rel"]
+    assert torch.allclose(a / level, b, atol=1e-5)
+    assert torch.equal(plain.flag_all(xs[:40])["corr"], norm.flag_all(xs[:40])["rel"])
+
+
+def test_adaptive_attack_lowers_stability_detection_on_a_real_model(fmnist_resnet, fmnist_test):
+    """ADV²-CAM moves the CAM map under small input changes (the detector sees it); the adaptive ADV² that
+    carries the detector's hinge (EOT over its random noise and shift) is detected less."""
+    xs, ys = fmnist_test.tensors
+    cam = build_interpreter("cam", fmnist_resnet)
+    det = StabilityDetector([cam])
+    det.calibrate(xs[5000:5200], 0.05)
+    x, y = xs[:12], ys[:12]
+    y_t = target_classes(y, 10, torch.Generator().manual_seed(0))
+    bm = benign_maps(cam, x)
+    torch.manual_seed(0)
+    plain = make_adv2("cam", 24 / 255, "short", shorten=8)(cam, x, y_t, bm)
+    adapt = adaptive(make_adv2("cam", 24 / 255, "short", shorten=8, lam_scale=3.0), det)(cam, x, y_t, bm)
+    ok_p, ok_a = plain.success, adapt.success
+    assert ok_a.float().mean() >= 0.75
+    det_p = float(det.detected(plain.x_adv)[ok_p].float().mean())
+    det_a = float(det.detected(adapt.x_adv)[ok_a].float().mean())
+    assert det_p >= 0.3 and det_a < det_p, (det_p, det_a)
+
+
+def test_learned_detector_trains_saves_and_stays_differentiable(tmp_path):
+    model = tiny_classifier()
+    members = [build_interpreter("grad", model), build_interpreter("cam", model)]
+    parts = [SqueezeDetector(model, ["bits-2"]), StabilityDetector(members, ("noise-8",))]
+    det = LearnedDetector(parts)
+    benign = torch.rand(16, 1, 28, 28, dtype=torch.float64)
+    attacked = (benign[:8] + 0.3 * torch.randn_like(benign[:8]).sign()).clamp(0, 1)  # visibly changed inputs
+    with pytest.raises(DetectorError, match="train"):
+        det.calibrate(benign, 0.1)
+    with pytest.raises(DetectorError, match="at least 2"):
+        det.train(benign, attacked[:1])
+    info = det.train(benign, attacked)
+    assert info["benign"] == 16 and info["attacked"] == 8 and 0 <= info["auc"] <= 1
+    assert det.fitted["features"] == ["squeeze:bits-2", "stability:grad/noise-8", "stability:cam/noise-8"]
+    det.calibrate(torch.rand(16, 1, 28, 28, dtype=torch.float64), 0.1)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(det.scores(x, differentiable=True)["learned"].sum(), x)
+    assert torch.isfinite(g).all() and float(g.abs().sum()) > 0
+    det.save(tmp_path / "l.pt")
+    fresh = LearnedDetector([SqueezeDetector(model, ["bits-2"]), StabilityDetector(members, ("noise-8",))])
+    loaded = LearnedDetector.read(tmp_path / "l.pt")
+    fresh.load_state(loaded, "l.pt")
+    torch.manual_seed(3)
+    s1 = det.scores(x.detach())["learned"]
+    torch.manual_seed(3)
+    assert torch.allclose(s1, fresh.scores(x.detach())["learned"])
+    other = LearnedDetector([SqueezeDetector(model, ["bits-3"]), StabilityDetector(members, ("noise-8",))])
+    with pytest.raises(DetectorError, match="trained on features"):
+        other.load_state(loaded, "l.pt")
+
+
+def test_hinge_aims_below_a_negative_threshold():
+    """The learned score is a logit: its threshold can be negative, and the hinge must still aim below it."""
+    model = tiny_classifier()
+    det = SqueezeDetector(model, ["bits-2"])
+    det.thresholds = {"bits-2": -2.0, "joint": -2.0}
+    det.scores = lambda x, differentiable=False: {"bits-2": x.flatten(1).mean(1), "joint": x.flatten(1).mean(1)}
+    h = det.hinge(margin=0.75, weight=1.0)
+    assert float(h(torch.full((1, 1, 2, 2), -2.4))) == pytest.approx(0.1)  # aim −2.5: a quarter below −2
+    assert float(h(torch.full((1, 1, 2, 2), -2.6))) == 0.0
+
+
+def test_beta_grad_is_grad_through_softplus_beta():
+    model = tiny_classifier()
+    b = build_interpreter("beta:grad", model, beta=2.0)
+    assert isinstance(b, GradSaliency) and b.name == "beta:grad" and b.surrogate == "softplus" and b.beta == 2.0
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    plain, smooth = build_interpreter("grad", model)(x).saliency, b(x).saliency
+    far = float((plain - smooth).abs().mean())
+    assert far > 1e-3  # the deployed map changes ...
+    sharp = build_interpreter("beta:grad", model, beta=1e4)(x).saliency
+    assert float((plain - sharp).abs().mean()) < far / 10  # ... and tends to GRAD's as β grows
+    with pytest.raises(InterpreterError, match="beta:grad"):
+        build_interpreter("beta:cam", model)
+    assert make_adv2("beta:grad", 8 / 255, "short").describe()["interpreter"] == "grad"
+
+
+def test_eot_with_one_noiseless_sample_is_the_plain_attack():
+    """ADV² against Smoothed(base, σ = 0, one copy) is ADV² against the base: EOT adds nothing but noise."""
+    model = tiny_classifier()
+    cam = build_interpreter("cam", model)
+    x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    y_t = (model(x).argmax(1) + 1) % 10
+    bm = benign_maps(cam, x)
+    a = make_adv2("cam", 24 / 255, steps=(3, 5))(cam, x, y_t, bm)
+    b = make_adv2("smooth:cam", 24 / 255, steps=(3, 5))(Smoothed(cam, sigma=0.0, samples=1), x, y_t, bm)
+    assert torch.allclose(a.x_adv, b.x_adv)
+
+
+def test_map_defense_names_and_costs():
+    assert map_defense_name("smooth", "cam") == "smooth:cam" and map_defense_name("beta", "grad") == "beta:grad"
+    assert map_defense_name("beta", "cam") is None and map_defense_name("smooth", "mask") is None
+    model = tiny_classifier()
+    assert detector_cost(SqueezeDetector(model)) == {"forwards": 7, "maps": 0}
+    members = [build_interpreter("grad", model), build_interpreter("cam", model)]
+    assert detector_cost(StabilityDetector(members)) == {"forwards": 0, "maps": 8}
+    assert cost_text({"forwards": 7, "maps": 1}) == "7 forwards + 1 map" and cost_text({"forwards": 0, "maps": 0}) == "none"
+
+
+def _summary(base: tuple[int, int], **defs) -> dict:
+    a = {"spoofability": rate(*base), "adv2": {"asr": rate(base[1], base[1])}, "defense_info": {}}
+    for d, (k, n, fpr) in defs.items():
+        a[f"spoofability_{d}"] = rate(k, n)
+        a["defense_info"][d] = {"asr": rate(n, n), "fpr_heldout": fpr,
+                                "fpr_heldout_rate": None if fpr is None else rate(round(fpr * 200), 200)}
+    return a
+
+
+def test_comparison_verdicts():
+    # a clear improvement: intervals do not overlap
+    v = compare(_summary((90, 100), squeeze=(80, 100, 0.05), smooth=(20, 100, None)), ["squeeze", "smooth"], 0.05)
+    assert v["verdict"]["best"] == "smooth" and v["verdict"]["helps"] and "do not overlap" in v["verdict"]["text"]
+    assert [r["defense"] for r in v["rows"]] == ["none", "squeeze", "smooth"]
+    # lowest, but the intervals overlap at small n
+    v = compare(_summary((6, 8), squeeze=(4, 8, 0.05)), ["squeeze"], 0.05)
+    assert v["verdict"]["best"] == "squeeze" and not v["verdict"]["helps"] and "overlap" in v["verdict"]["text"]
+    # nothing lower
+    v = compare(_summary((2, 8), squeeze=(3, 8, 0.05)), ["squeeze"], 0.05)
+    assert v["verdict"]["best"] is None and "no defense lowers" in v["verdict"]["text"]
+    # a detector that flags 20% of benign inputs is left out, however low its spoofability
+    v = compare(_summary((90, 100), learned=(0, 100, 0.20), squeeze=(85, 100, 0.05)), ["learned", "squeeze"], 0.05)
+    assert v["verdict"]["best"] == "squeeze" and "left out" in v["verdict"]["text"] and "learned" in v["verdict"]["text"]
+    # a defense that did not run is a row that says so, not a zero
+    v = compare(_summary((5, 8)), ["beta"], 0.05)
+    assert v["rows"][1]["applies"] is False and v["verdict"]["best"] is None
+
+
+def test_defense_names_all_and_errors():
+    t = Target(interpreters=["grad", "cam"], defenses=["all"])
+    _validate_target(t)
+    assert t.defenses == ["squeeze", "ensemble", "ensemble-norm", "stability", "learned", "smooth", "beta"]
+    one = Target(interpreters=["cam"], defenses=["all"])
+    _validate_target(one)
+    assert "ensemble" not in one.defenses and "ensemble-norm" not in one.defenses and "stability" in one.defenses
+    with pytest.raises(AuditError, match="unknown defenses"):
+        _validate_target(Target(defenses=["moat"]))
+    with pytest.raises(AuditError, match="ensemble-norm defense needs at least two"):
+        _validate_target(Target(interpreters=["cam"], defenses=["ensemble-norm"]))
+    with pytest.raises(AuditError, match="smooth_sigma"):
+        _validate_target(Target(defenses=["smooth"], smooth_sigma=0.0))
