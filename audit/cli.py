@@ -410,7 +410,7 @@ def _audit_options(fn):
         click.option("--n", type=int, help="Inputs to audit per target."),
         click.option("--eps", type=float, help="L∞ budget in 1/255 units (default 24 for 28×28, 8 otherwise)."),
         click.option("--attacks", help="Comma list of pgd,adv2,stadv2,adaptive."),
-        click.option("--defenses", help="Comma list of squeeze, ensemble, ensemble-norm, stability, learned, smooth, beta, or all (empty string: none)."),
+        click.option("--defenses", help="Comma list of squeeze, ensemble, ensemble-norm, stability, learned, smooth, beta, rtsa, or all (empty string: none)."),
         click.option("--schedule", type=click.Choice(["short", "paper"])),
         click.option("--shorten", type=int, help="Divide every attack schedule by this (schedule short)."),
         click.option("--batch-size", help="Inputs per attack batch, or 'auto' (fill the GPU; 32 on CPU)."),

@@ -11,7 +11,8 @@ Two kinds, each scored only under an attack that knows it:
 - map defenses (``MAPS``) replace the deployed map; ADV² attacks the replaced map itself (for ``smooth``,
   each step's map averages fresh noise copies: expectation over the transformation). Costs: how far the
   defended benign map is from the plain one (L1), and the extra map computations.
-  ``smooth`` randomized smoothing (``guard.smoothing``); ``beta`` β-smoothed GRAD (softplus-β backward).
+  ``smooth`` randomized smoothing (``guard.smoothing``); ``beta`` β-smoothed GRAD (softplus-β backward);
+  ``rtsa`` RTS^A in place of RTS (an adversarially trained RTS; bundled for the Fashion-MNIST nets).
 
 None of them changes the classifier: clean accuracy is unchanged by construction (cost 0).
 """
@@ -19,7 +20,7 @@ None of them changes the classifier: clean accuracy is unchanged by construction
 from __future__ import annotations
 
 DETECTORS = ("squeeze", "ensemble", "ensemble-norm", "stability", "learned")
-MAPS = ("smooth", "beta")
+MAPS = ("smooth", "beta", "rtsa")
 DEFENSES = DETECTORS + MAPS
 NEEDS_TWO = ("ensemble", "ensemble-norm")  # need two interpreters to compare
 
@@ -32,6 +33,8 @@ def map_defense_name(defense: str, interpreter: str) -> str | None:
         return f"smooth:{interpreter}"
     if defense == "beta":
         return "beta:grad" if interpreter == "grad" else None  # only a gradient map has a backward to smooth
+    if defense == "rtsa":
+        return "rtsa" if interpreter == "rts" else None
     raise ValueError(defense)
 
 

@@ -60,6 +60,7 @@ from guard.calibration import roc_auc
 from guard.ensemble import DisagreementDetector, InterpreterEnsemble, NormalisedDisagreementDetector
 from guard.learned import LearnedDetector
 from guard.interpreters import build_interpreter
+from guard.interpreters.base import InterpreterError
 from guard.models import load_model
 from guard.smoothing import RADII, Smoothed, linf_as_l2
 from guard.squeeze import SqueezeDetector
@@ -533,14 +534,22 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     defended = {}
     for d in MAPS if "adaptive" in t.attacks else ():
         if d in t.defenses:
-            kw = {"sigma": t.smooth_sigma, "samples": t.smooth_samples} if d == "smooth" else {"beta": t.beta}
-            defended[d] = {n: build_interpreter(map_defense_name(d, n), model, **kw).to(device)
-                           for n in _adaptive_names(t) if map_defense_name(d, n)}
+            kw = {"smooth": {"sigma": t.smooth_sigma, "samples": t.smooth_samples}, "beta": {"beta": t.beta}}.get(d, {})
+            defended[d] = {}
+            for n in _adaptive_names(t):
+                if map_defense_name(d, n):
+                    try:
+                        defended[d][n] = build_interpreter(map_defense_name(d, n), model, **kw).to(device)
+                    except InterpreterError as exc:  # e.g. no RTS^A checkpoint for this model
+                        warnings.append(f"the {d} defense of {n} is not available: {exc}")
             if not defended[d]:
                 warnings.append(f"the {d} defense applies to none of the adaptively attacked interpreters "
                                 f"({', '.join(_adaptive_names(t))}); it has no row")
     return Deployment(model, interps, eps, x, y, y_t, None if x_cal is None else x_cal.to(device),
                       None if x_held is None else x_held.to(device), warnings, pool, precision, compile, defended)
+
+
+TORCH_SQUEEZERS = ("bits-2", "bits-3", "median-2", "median-3")
 
 
 def _make_detector(t: Target, dep: Deployment, d: str):
@@ -553,8 +562,12 @@ def _make_detector(t: Target, dep: Deployment, d: str):
         return NormalisedDisagreementDetector(members)
     if d == "stability":
         return StabilityDetector([dep.interpreters[n] for n in _stability_names(t)])
-    parts = [_make_detector(t, dep, p) for p in ("squeeze", "ensemble-norm", "stability")
-             if p != "ensemble-norm" or len(members) >= 2]
+    # the learned detector's squeezing part keeps the torch squeezers: OpenCV's non-local means runs per image on
+    # the CPU and would dominate every step of its adaptive attack (it is in the squeeze defense itself)
+    parts = [SqueezeDetector(dep.model, TORCH_SQUEEZERS)]
+    if len(members) >= 2:
+        parts.append(NormalisedDisagreementDetector(members))
+    parts.append(StabilityDetector([dep.interpreters[n] for n in _stability_names(t)]))
     return LearnedDetector(parts)
 
 

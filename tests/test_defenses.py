@@ -170,20 +170,31 @@ def test_beta_grad_is_grad_through_softplus_beta():
 
 
 def test_eot_with_one_noiseless_sample_is_the_plain_attack():
-    """ADV² against Smoothed(base, σ = 0, one copy) is ADV² against the base: EOT adds nothing but noise."""
+    """ADV² against Smoothed(base, σ = 0, one copy) is ADV² against the base: the same objective gradient at
+    every point (to rounding), hence the same outcome (sign steps may flip a few near-zero components)."""
     model = tiny_classifier()
     cam = build_interpreter("cam", model)
+    eot = Smoothed(cam, sigma=0.0, samples=1)
     x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
     y_t = (model(x).argmax(1) + 1) % 10
     bm = benign_maps(cam, x)
+    grads, far = [], torch.rand_like(bm)  # a target map away from this point (|·| has no gradient at 0)
+    for it in (cam, eot):
+        xg = x.clone().requires_grad_(True)
+        e = it(xg)
+        loss = torch.nn.functional.cross_entropy(e.logits, y_t) + (e.saliency - far).abs().mean()
+        grads.append(torch.autograd.grad(loss, xg)[0])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-12)
     a = make_adv2("cam", 24 / 255, steps=(3, 5))(cam, x, y_t, bm)
-    b = make_adv2("smooth:cam", 24 / 255, steps=(3, 5))(Smoothed(cam, sigma=0.0, samples=1), x, y_t, bm)
-    assert torch.allclose(a.x_adv, b.x_adv)
+    b = make_adv2("smooth:cam", 24 / 255, steps=(3, 5))(eot, x, y_t, bm)
+    assert torch.equal(a.success, b.success)
+    assert float((cam(a.x_adv).saliency - cam(b.x_adv).saliency).abs().mean()) < 0.02
 
 
 def test_map_defense_names_and_costs():
     assert map_defense_name("smooth", "cam") == "smooth:cam" and map_defense_name("beta", "grad") == "beta:grad"
     assert map_defense_name("beta", "cam") is None and map_defense_name("smooth", "mask") is None
+    assert map_defense_name("rtsa", "rts") == "rtsa" and map_defense_name("rtsa", "cam") is None
     model = tiny_classifier()
     assert detector_cost(SqueezeDetector(model)) == {"forwards": 7, "maps": 0}
     members = [build_interpreter("grad", model), build_interpreter("cam", model)]
@@ -222,7 +233,7 @@ def test_comparison_verdicts():
 def test_defense_names_all_and_errors():
     t = Target(interpreters=["grad", "cam"], defenses=["all"])
     _validate_target(t)
-    assert t.defenses == ["squeeze", "ensemble", "ensemble-norm", "stability", "learned", "smooth", "beta"]
+    assert t.defenses == ["squeeze", "ensemble", "ensemble-norm", "stability", "learned", "smooth", "beta", "rtsa"]
     one = Target(interpreters=["cam"], defenses=["all"])
     _validate_target(one)
     assert "ensemble" not in one.defenses and "ensemble-norm" not in one.defenses and "stability" in one.defenses
@@ -232,3 +243,79 @@ def test_defense_names_all_and_errors():
         _validate_target(Target(interpreters=["cam"], defenses=["ensemble-norm"]))
     with pytest.raises(AuditError, match="smooth_sigma"):
         _validate_target(Target(defenses=["smooth"], smooth_sigma=0.0))
+
+
+ALL_CONFIG = """
+name = "alldef"
+batch_size = 4
+bootstrap = 50
+examples = 1
+[[targets]]
+model = "fmnist_resnet"
+interpreters = ["cam", "rts"]
+n = 4
+attacks = ["pgd", "adv2", "adaptive"]
+defenses = ["all"]
+shorten = 50
+calibration_n = 32
+learned_n = 4
+smooth_samples = 2
+adaptive_interpreters = ["cam"]
+"""
+
+
+def test_audit_compares_every_defense_under_its_adaptive_attack(tmp_path):
+    """Through the CLI: every defense gets a row for CAM (β-smoothing says it does not apply), scored under its
+    own adaptive attack, with held-out FPR and ROC AUC for detectors and a map cost for map defenses; the
+    verdict is in the terminal, the JSON and the HTML."""
+    import json
+
+    from tests.helpers import cli
+
+    (tmp_path / "all.toml").write_text(ALL_CONFIG)
+    r = cli("audit", "--config", "all.toml", "--out", "runs", cwd=tmp_path)
+    assert r.returncode in (0, 3), r.stderr[-3000:]
+    rep = json.loads((tmp_path / "runs" / "alldef" / "report.json").read_text())
+    tg = next(iter(rep["targets"].values()))
+    assert set(tg["detectors"]) == {"squeeze", "ensemble", "ensemble-norm", "stability", "learned"}
+    assert tg["map_defenses"] == {"smooth": {"cam": "smooth:cam"}, "beta": {}, "rtsa": {}}
+    assert tg["detectors"]["learned"]["fitted"]["train"]["attacked"] == 8  # PGD + ADV²-CAM of 4 calibration inputs
+    cam = tg["summary"]["interpreters"]["cam"]
+    rows = {row["defense"]: row for row in cam["comparison"]["rows"]}
+    assert list(rows) == ["none", "squeeze", "ensemble", "ensemble-norm", "stability", "learned", "smooth", "beta",
+                          "rtsa"]
+    assert not rows["beta"]["applies"] and rows["beta"]["spoofability"] is None and not rows["rtsa"]["applies"]
+    for d in ("squeeze", "ensemble", "ensemble-norm", "stability", "learned"):
+        assert rows[d]["applies"] and 0 <= rows[d]["fpr_heldout"] <= 1, d
+        assert rows[d]["auc_plain"] is None or 0 <= rows[d]["auc_plain"] <= 1
+        assert rows[d]["spoofability"]["n"] == 4
+    assert rows["smooth"]["fidelity_l1"]["mean"] > 0 and rows["smooth"]["cost"] == {"forwards": 0, "maps": 2}
+    assert "certified" in cam["defense_info"]["smooth"]
+    assert cam["comparison"]["verdict"]["text"]
+    assert "defenses of cam" in r.stdout and cam["comparison"]["verdict"]["text"][:40] in r.stdout
+    html_text = (tmp_path / "runs" / "alldef" / "report.html").read_text()
+    assert "Defenses compared" in html_text and "ensemble-norm" in html_text
+
+
+def test_defense_page_is_generated_from_the_records():
+    """docs/defenses.md is what benchmarks/defense_table.py makes of the records in benchmarks/results/."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "benchmarks/defense_table.py", "--check"], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_map_defenses_of_a_deployment(fmnist_resnet):
+    """rtsa stands in for RTS where an RTS^A checkpoint exists; beta only for GRAD; smoothing wraps each."""
+    from audit.runner import build_deployment
+
+    t = Target("fmnist_resnet", interpreters=["grad", "rts"], n=2, defenses=["smooth", "beta", "rtsa"],
+               calibration_n=8)
+    _validate_target(t)
+    dep = build_deployment(t, 0, torch.device("cpu"))
+    assert {d: {n: it.name for n, it in m.items()} for d, m in dep.defended.items()} == {
+        "smooth": {"grad": "smooth:grad", "rts": "smooth:rts"}, "beta": {"grad": "beta:grad"}, "rtsa": {"rts": "rtsa"}}
