@@ -42,6 +42,10 @@ PAPER = {
     "rts": (300, 1000, lambda n: ramp(5.0, 10.0, n), "nll", "mse", {}),
 }
 PAPER["rtsa"] = PAPER["rts"]  # RTS^A is attacked like RTS
+# The deployed interpreters beyond the paper: Grad-CAM maps are blobs at a conv layer's resolution like CAM's,
+# Input×Gradient and IG are input-gradient maps like GRAD's (pooled the same way): each takes that preset.
+PAPER["gradcam"] = PAPER["gradcampp"] = PAPER["cam"]
+PAPER["inputxgrad"] = PAPER["ig"] = PAPER["smoothgrad"] = PAPER["grad"]
 
 
 class Adv2(Attack):

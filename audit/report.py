@@ -412,14 +412,16 @@ def render_html(report: dict) -> str:
             parts.append(f"<p class='warn'>{html.escape(w)}</p>")
         for r in tg["status"]["reasons"]:
             parts.append(f"<p class='warn'><b>INCONCLUSIVE</b>: {html.escape(r)}</p>")
+        # with a defense comparison (below) the per-defense spoofability lives there, not in this table
+        shown = [] if any("comparison" in a for a in tg["summary"]["interpreters"].values()) else t["defenses"]
         sp = "".join(f"<tr><td class=l>{n.upper()}</td><td>{_rate(a.get('spoofability'))}</td><td>{_fmt(a['tau'])} "
                      f"<small>[{_fmt(a['tau_estimate'].get('ci95', [None])[0])}, "
                      f"{_fmt(a['tau_estimate'].get('ci95', [None, None])[1])}]</small></td>"
                      f"<td>{_rate(a.get('pgd_within_tau'))}</td>"
-                     + "".join(f"<td>{_rate(a.get('spoofability_' + d))}</td>" for d in t["defenses"]) + "</tr>"
+                     + "".join(f"<td>{_rate(a.get('spoofability_' + d))}</td>" for d in shown) + "</tr>"
                      for n, a in tg["summary"]["interpreters"].items())
         parts.append("<h3>Spoofability</h3><table><tr><th>interpreter</th><th>undefended (ADV²)</th>"
-                     "<th>noise level τ [bootstrap 95% CI]</th><th>PGD within τ (reference)</th>" + "".join(f"<th>under {d} (adaptive ADV²)</th>" for d in t["defenses"])
+                     "<th>noise level τ [bootstrap 95% CI]</th><th>PGD within τ (reference)</th>" + "".join(f"<th>under {d} (adaptive ADV²)</th>" for d in shown)
                      + f"</tr>{sp}</table>")
         for n, a in tg["summary"]["interpreters"].items():
             if "certified" in a:

@@ -117,17 +117,25 @@ class GradSaliency(Interpreter):
             return ReluSurrogate(self.surrogate, self.tau, self.beta)
         return contextlib.nullcontext()
 
+    def objective(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The scalar whose input gradient is explained: Σ NLL(f(x), t) or Σ z_t."""
+        if self.loss == "nll":
+            return F.cross_entropy(logits, t, reduction="sum")
+        return logits.gather(1, t[:, None]).sum()
+
+    def attribution(self, xg: torch.Tensor, target, second_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, per-pixel attribution (B, C, H, W)): here the input gradient. Subclasses (Input×Gradient,
+        Integrated Gradients) change only this; the post-processing below is shared."""
+        logits = self.model(xg)  # (B, K)
+        (g,) = torch.autograd.grad(self.objective(logits, pick_target(logits, target)), xg,
+                                   create_graph=second_order)
+        return logits, g
+
     def explain(self, x, target):
         second_order = x.requires_grad and torch.is_grad_enabled()
         xg = x if second_order else x.detach().requires_grad_(True)
         with torch.enable_grad(), self._mode(second_order):
-            logits = self.model(xg)  # (B, K)
-            t = pick_target(logits, target)
-            if self.loss == "nll":
-                obj = F.cross_entropy(logits, t, reduction="sum")
-            else:
-                obj = logits.gather(1, t[:, None]).sum()
-            (g,) = torch.autograd.grad(obj, xg, create_graph=second_order)  # (B, C, H, W)
+            logits, g = self.attribution(xg, target, second_order)
         sal = g.abs().amax(1, keepdim=True)  # (B, 1, H, W)
         if self.pool > 1:
             sal = F.avg_pool2d(sal, self.pool)  # (B, 1, H/p, W/p)
