@@ -290,6 +290,7 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
     import dataclasses
     import tomllib
 
+    from audit.defenses import NEEDS_TWO
     from audit.presets import preset
     from audit.runner import AuditConfig, AuditError, Target
 
@@ -313,9 +314,16 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
         cfg.targets = [dataclasses.replace(t, **tflags) for t in cfg.targets]
     if "interpreters" in tflags:  # --interpreters narrows a preset: its sub-lists keep only the named ones
         for t in cfg.targets:
-            for k in ("adv2_interpreters", "adaptive_interpreters", "ensemble_members"):
+            for k in ("adv2_interpreters", "adaptive_interpreters", "ensemble_members", "stability_members"):
                 if isinstance(getattr(t, k), list):
                     setattr(t, k, [n for n in getattr(t, k) if n in t.interpreters])
+            members = t.ensemble_members if t.ensemble_members is not None else [n for n in t.interpreters if n != "mask"]
+            if "defenses" not in tflags and t.defenses and len(members) < 2:  # a preset's ensemble cannot apply
+                dropped = [d for d in t.defenses if d in NEEDS_TWO]
+                if dropped:
+                    t.defenses = [d for d in t.defenses if d not in NEEDS_TWO]
+                    click.echo(f"note: {', '.join(dropped)} dropped from {t.key()}'s defenses: an ensemble needs "
+                               f"two interpreters", err=True)
     for k in ("name", "batch_size", "seed", "fpr", "device", "precision", "channels_last", "compile", "min_pgd_asr"):
         if flags.get(k) is not None:
             setattr(cfg, k, flags[k])

@@ -117,7 +117,8 @@ class Target:
     n: int = 16
     eps: float | None = None  # in 1/255; None: 24 for 28×28 inputs, 8 otherwise
     attacks: list[str] = field(default_factory=lambda: ["pgd", "adv2", "adaptive"])
-    defenses: list[str] = field(default_factory=lambda: ["squeeze", "ensemble"])
+    # None: squeezing, and the ensemble where there are two interpreters to compare; "all": every one that applies
+    defenses: list[str] | None = None
     adv2_interpreters: list[str] | None = None  # interpreters ADV² attacks; None: all (the others only read)
     adaptive_interpreters: list[str] | None = None  # None: every differentiable-at-low-cost one (not mask)
     ensemble_members: list[str] | None = None  # the disagreement detector's members; None: all but mask
@@ -223,6 +224,8 @@ def _validate_target(t: Target) -> None:
         raise AuditError(f"unknown attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
     if not t.interpreters:
         raise AuditError(f"{where} has no interpreters")
+    if t.defenses is None:  # the default: what applies here (an ensemble needs two interpreters)
+        t.defenses = ["squeeze"] + (["ensemble"] if len(_ensemble_names(t)) >= 2 else [])
     if "all" in t.defenses:  # every defense that applies here (the ensembles need two interpreters)
         t.defenses = [d for d in DEFENSES if d not in NEEDS_TWO or len(_ensemble_names(t)) >= 2]
     if unknown := set(t.defenses) - set(DEFENSES):

@@ -319,3 +319,20 @@ def test_map_defenses_of_a_deployment(fmnist_resnet):
     dep = build_deployment(t, 0, torch.device("cpu"))
     assert {d: {n: it.name for n, it in m.items()} for d, m in dep.defended.items()} == {
         "smooth": {"grad": "smooth:grad", "rts": "smooth:rts"}, "beta": {"grad": "beta:grad"}, "rtsa": {"rts": "rtsa"}}
+
+
+def test_one_interpreter_drops_the_presets_ensemble_with_a_note(capsys):
+    """`underfire audit --interpreters cam` on the default preset: the ensemble cannot apply to one interpreter,
+    so it drops out with a note instead of ending in an error; a target without defenses named gets the
+    defaults that apply."""
+    from audit.cli import resolve_config
+
+    cfg = resolve_config(None, None, {"interpreters": "cam"})
+    assert cfg.targets[0].defenses == ["squeeze"]
+    assert "ensemble dropped" in capsys.readouterr().err
+    t = Target(interpreters=["gradcam"])
+    _validate_target(t)
+    assert t.defenses == ["squeeze"]
+    t = Target(interpreters=["grad", "cam"])
+    _validate_target(t)
+    assert t.defenses == ["squeeze", "ensemble"]
