@@ -65,7 +65,7 @@ from guard.models import load_model
 from guard.smoothing import RADII, Smoothed, linf_as_l2
 from guard.squeeze import SqueezeDetector
 from guard.stability import StabilityDetector
-from training.data import DataError, ImageFolderDataset, fashion_mnist, photos, stack
+from training.data import DataError, ImageFolderDataset, fashion_mnist, load_images, photos, stack
 from training.loop import distributed_setup
 
 log = logging.getLogger(__name__)
@@ -352,19 +352,24 @@ def _load_data(t: Target, model) -> tuple[torch.Tensor, torch.Tensor | None, tor
         cal = xs[5000:5000 + t.calibration_n]
         held = xs[7000:7000 + t.calibration_n]
         return xs[:5000], ys[:5000], cal, held
-    if t.data == "photos":
-        x, _ = photos(size=h)
-        if c != 3:
-            raise AuditError(f"the bundled photos are colour; model {model.name} takes {c} channels")
+    root = Path(t.data)
+    plain = t.data != "photos" and root.is_dir() and not any(d.is_dir() for d in root.iterdir())
+    if t.data == "photos" or plain:  # unlabelled: the model's predictions are the classes
+        if plain:
+            x, _ = load_images([root], size=h, channels=c)
+        else:
+            x, _ = photos(size=h)
+            if c != 3:
+                raise AuditError(f"the bundled photos are colour; model {model.name} takes {c} channels")
         if len(x) <= t.n:
             return x, None, None, None
-        # benign data for the detectors: crops and flips of the photos that are not audited (the first n
-        # are); held-out = other crops of the same photos, so its FPR is an optimistic estimate
+        # benign data for the detectors: crops and flips of the images that are not audited (the first n
+        # are); held-out = other crops of the same images, so its FPR is an optimistic estimate
         rest = x[t.n:]
         return x, None, _augment(rest, t.calibration_n, 1), _augment(rest, t.calibration_n, 2)
-    root = Path(t.data)
     if not root.is_dir():
-        raise AuditError(f"data {t.data!r} is neither fashion-mnist, photos nor an ImageFolder directory")
+        raise AuditError(f"data {t.data!r} is neither fashion-mnist, photos, a folder of images nor an ImageFolder "
+                         f"directory")
     ds = ImageFolderDataset(root, size=h, channels=c)
     if len(ds.classes) > model.num_classes:
         raise DataError(f"{root} has {len(ds.classes)} class folders but model {model.name} has "

@@ -294,3 +294,20 @@ def test_resumed_auto_batch_keeps_the_journaled_size(tmp_path):
     assert resolve_batch_size(AuditConfig(batch_size="auto"), t, dep, j, resume=True) == 12
     with pytest.raises(AuditError, match="journaled with batch size 12"):
         resolve_batch_size(AuditConfig(batch_size=16), t, dep, j, resume=True)
+
+
+def test_a_plain_folder_of_images_is_audited_with_the_models_predictions(tmp_path, fmnist_resnet):
+    """A folder without class subfolders (the usual thing to audit an ImageNet model with): the model's own
+    predictions are the classes, and the detectors calibrate on crops of the images that are not audited."""
+    from audit.runner import Target, _validate_target, build_deployment
+    from training.data import fashion_mnist
+
+    xs = fashion_mnist("test").tensors[0][:12]
+    for i, im in enumerate(xs):
+        Image.fromarray((im[0].numpy() * 255).round().astype("uint8"), mode="L").save(tmp_path / f"img{i:02d}.png")
+    t = Target("fmnist_resnet", interpreters=["cam"], data=str(tmp_path), n=4, calibration_n=16)
+    _validate_target(t)
+    dep = build_deployment(t, 0, torch.device("cpu"))
+    assert len(dep.x) == 4 and torch.equal(dep.y, fmnist_resnet(dep.x).argmax(1))
+    assert dep.x_cal.shape == (16, 1, 28, 28) and dep.x_heldout.shape == (16, 1, 28, 28)
+    assert torch.allclose(dep.x[0], xs[0], atol=1 / 255)
