@@ -56,6 +56,7 @@ from attacks.targets import benign_maps, other_class_maps, random_shapes, target
 from audit.defenses import DEFENSES, DETECTORS, MAPS, NEEDS_TWO, compare, detector_cost, map_cost, map_defense_name
 from audit.metrics import K_GRID, confidence, iou_curve, l1, rate
 from audit.report import SCHEMA_VERSION
+from guard.adapters import Transfer, Adapter, build_twin
 from guard.calibration import roc_auc
 from guard.ensemble import DisagreementDetector, InterpreterEnsemble, NormalisedDisagreementDetector
 from guard.learned import LearnedDetector
@@ -329,6 +330,7 @@ class Deployment:
     precision: str = "fp32"
     compile: bool = False
     defended: dict = field(default_factory=dict)  # map defense → {interpreter: its defended interpreter}
+    transfer: dict = field(default_factory=dict)  # adapter name → the native twin its attacks optimise
 
     @property
     def attack_kw(self) -> dict:
@@ -514,12 +516,25 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     if t.outputs == "probs":
         model = from_probabilities(model)
     interps = {n: build_interpreter(n, model) for n in t.interpreters}
+    warnings, transfer = [], {}
+    for n, it in list(interps.items()):  # adapters (captum:, gradcam:) compute without a gradient
+        if isinstance(it, Adapter):
+            twin = build_twin(it, model)
+            if twin is None:
+                if n in _gradient_names(t):
+                    raise AuditRefused(f"{n} computes its map without a gradient and has no native twin to attack "
+                                       f"instead: a gradient attack cannot reach it, and the audit would report it "
+                                       f"safe. Leave it out of the attacked interpreters (it is then only read)")
+                continue
+            interps[n], transfer[n] = Transfer(twin, it), twin.name
+            warnings.append(f"TRANSFER: {n} computes its map without a gradient; its attacks optimise the native "
+                            f"twin {twin.name} and every iterate is judged by {n}'s own map (a transfer result: "
+                            f"a white-box attacker with {n}'s gradient could do at least as well)")
     for it in interps.values():
         it.to(device)
     with torch.no_grad():
         z = torch.cat([model(pool_x[i:i + 256]) for i in range(0, len(pool_x), 256)])
     pred = z.argmax(1)
-    warnings = []
     if t.weights == "random":
         warnings.append("UNTRAINED: random weights, asked for with weights = 'random'; this audits no deployment")
     else:
@@ -554,7 +569,8 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
                 warnings.append(f"the {d} defense applies to none of the adaptively attacked interpreters "
                                 f"({', '.join(_adaptive_names(t))}); it has no row")
     return Deployment(model, interps, eps, x, y, y_t, None if x_cal is None else x_cal.to(device),
-                      None if x_held is None else x_held.to(device), warnings, pool, precision, compile, defended)
+                      None if x_held is None else x_held.to(device), warnings, pool, precision, compile, defended,
+                      transfer)
 
 
 TORCH_SQUEEZERS = ("bits-2", "bits-3", "median-2", "median-3")
@@ -771,6 +787,7 @@ def _pgd(t: Target, dep: Deployment) -> PGD:
 def _adv2(t: Target, dep: Deployment, name: str, **kw):
     """The ADV² of the paper for interpreter ``name`` with this target's schedule, the run's precision and
     compile setting."""
+    name = dep.transfer.get(name, name)  # an adapter is attacked through its twin, with the twin's preset
     return make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, **dep.attack_kw, **kw)
 
 
@@ -1213,6 +1230,7 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
                                      **adaptive(PGD(dep.eps, 1), next(iter(dets.values()))).adaptive_to[0]}
                         if dets and "adaptive" in t.attacks else None},
             "map_defenses": {d: {n: it.name for n, it in m.items()} for d, m in dep.defended.items()},
+            "transfer": dep.transfer,
             "detectors": {d: {"kind": det.kind, "decision": det.decision, "thresholds": det.thresholds,
                               "fitted": det.fitted, "cost": detector_cost(det),
                               "config": det.config(), "calibration": det.calibration} for d, det in dets.items()},

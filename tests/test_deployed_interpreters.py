@@ -111,3 +111,51 @@ def test_adv2_moves_the_new_maps_towards_the_benign_one(name, fmnist_resnet, fmn
     l1_p = float(l1(it(p.x_adv).saliency, bm)[ok].mean())
     l1_a = float(l1(it(a.x_adv).saliency, bm)[ok].mean())
     assert l1_a < 0.8 * l1_p, (l1_a, l1_p)
+
+
+ADAPTERS = ("gradcam:GradCAM", "gradcam:GradCAMPlusPlus", "captum:IntegratedGradients", "captum:Saliency",
+            "captum:InputXGradient")
+
+
+def test_adapters_match_their_native_twins_and_carry_no_gradient(fmnist_resnet, fmnist_small):
+    from guard.adapters import Transfer, build_twin
+
+    x = fmnist_small[0][:4]
+    for name in ADAPTERS:
+        a = build_interpreter(name, fmnist_resnet)
+        twin = build_twin(a, fmnist_resnet)
+        mine, ref = a(x).saliency, twin(x).saliency
+        assert mine.shape == ref.shape, name
+        for u, v in zip(mine, ref):
+            assert np.corrcoef(u.ravel(), v.ravel())[0, 1] > 0.98, name
+        xg = x.clone().requires_grad_(True)
+        assert not a(xg).saliency.requires_grad, name  # the library computes without a graph to x
+        tr = Transfer(twin, a)
+        assert tr.name == name and tr(xg).saliency.requires_grad  # the attacker's view: the twin
+        assert torch.equal(tr(x).saliency, mine)  # everything else: the real map
+    with pytest.raises(InterpreterError, match="no method"):
+        build_interpreter("captum:NoSuchMethod", fmnist_resnet)
+    with pytest.raises(InterpreterError, match="name a method"):
+        build_interpreter("gradcam:", fmnist_resnet)
+    assert build_interpreter("captum:Occlusion", fmnist_resnet).twin is None
+
+
+def test_audit_of_an_adapter_is_a_transfer_result_judged_by_the_real_map(tmp_path):
+    """pytorch-grad-cam's GradCAM has no gradient: the audit attacks its native twin, judges with its own
+    map, says so, and measures spoofability (not refused, not reported safe for lack of a gradient). An
+    adapter without a twin (captum's Occlusion) is refused as an attacked interpreter."""
+    from audit.runner import AuditConfig, AuditRefused, Target, build_deployment, run_audit
+
+    cfg = AuditConfig(name="t", batch_size=4, bootstrap=20, examples=0, targets=[
+        Target("fmnist_resnet", interpreters=["gradcam:GradCAM"], n=4, attacks=["pgd", "adv2"], defenses=[],
+               shorten=50)])
+    rep = run_audit(cfg, tmp_path)
+    tg = next(iter(rep["targets"].values()))
+    assert tg["transfer"] == {"gradcam:GradCAM": "gradcam"}
+    assert any(w.startswith("TRANSFER") for w in tg["warnings"])
+    a = tg["summary"]["interpreters"]["gradcam:GradCAM"]
+    assert a["spoofability"]["n"] == 4 and a["adv2"]["asr"]["mean"] >= 0.5
+    assert tg["attacks"]["adv2-gradcam:GradCAM"]["interpreter"] == "gradcam"
+    t = Target("fmnist_resnet", interpreters=["captum:Occlusion"], n=2, attacks=["pgd", "adv2"], defenses=[])
+    with pytest.raises(AuditRefused, match="no native twin"):
+        build_deployment(t, 0, torch.device("cpu"))

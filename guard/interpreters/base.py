@@ -197,6 +197,7 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
     """Build a registered interpreter by name (grad, cam, mask, rts); kwargs go to its constructor.
 
     ``smooth:<name>`` wraps interpreter ``<name>`` in :class:`guard.smoothing.Smoothed` (kwargs: sigma, samples).
+    ``captum:<Method>`` / ``gradcam:<Method>`` adapt captum / pytorch-grad-cam (:mod:`guard.adapters`).
     ``smoothgrad`` is ``smooth:grad`` with SmoothGrad's noise (σ = 0.15, 16 copies; kwargs sigma, samples).
     ``beta:grad`` is β-smoothed GRAD (Dombrowski et al. 2019): the deployed gradient map is computed through
     softplus-β in place of every ReLU in the backward pass, always (kwargs: beta, default ``BETA``).
@@ -210,6 +211,11 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
         if inner == "mask" or inner.startswith("smooth:"):
             raise InterpreterError(f"{name!r}: smoothing wraps a one-pass interpreter (grad, cam, rts), not {inner!r}")
         return Smoothed(build_interpreter(inner, model), **kwargs)
+
+    if name.startswith(("captum:", "gradcam:")):  # the reference libraries (optional extras; guard/adapters.py)
+        from guard.adapters import build_adapter
+
+        return build_adapter(name, model, **kwargs)
 
     if name == "smoothgrad":  # SmoothGrad (Smilkov et al. 2017): GRAD averaged over noisy copies, σ = 15% of the range
         from guard.smoothing import Smoothed
