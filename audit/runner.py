@@ -508,6 +508,7 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     from guard.models import from_probabilities
 
     model = load_model(t.model, t.weights).to(device).eval()
+    provided = getattr(model, "provided_interpreters", {})  # handed over by a module:function entry point
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     pool_x, pool_y, x_cal, x_held = _load_data(t, model)
@@ -515,7 +516,7 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     _check_outputs(t, model, pool_x)
     if t.outputs == "probs":
         model = from_probabilities(model)
-    interps = {n: build_interpreter(n, model) for n in t.interpreters}
+    interps = {n: provided[n] if n in provided else build_interpreter(n, model) for n in t.interpreters}
     warnings, transfer = [], {}
     for n, it in list(interps.items()):  # adapters (captum:, gradcam:) compute without a gradient
         if isinstance(it, Adapter):

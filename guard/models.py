@@ -507,12 +507,43 @@ def _from_entry_point(spec: str) -> ImageClassifier:
     except Exception as exc:  # noqa: BLE001 — the user's function may raise anything
         raise ModelError(f"entry point {spec!r} raised {type(exc).__name__}: {exc} "
                          f"(-v shows the traceback)") from exc
+    interps = None
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], dict):  # (model, {name: interpreter})
+        obj, interps = obj
     if isinstance(obj, ImageClassifier):
-        return obj
-    if isinstance(obj, nn.Module):
+        model = obj
+    elif isinstance(obj, nn.Module):
         log.warning("%s returned a bare nn.Module: assuming ImageNet normalisation and 3x224x224 input", spec)
-        return ImageClassifier(obj, IMAGENET_MEAN, IMAGENET_STD, name=spec, input_size=(3, 224, 224))
-    raise ModelError(f"entry point {spec!r} returned {type(obj).__name__}, expected an nn.Module")
+        model = ImageClassifier(obj, IMAGENET_MEAN, IMAGENET_STD, name=spec, input_size=(3, 224, 224))
+    else:
+        raise ModelError(f"entry point {spec!r} returned {type(obj).__name__}, expected an nn.Module or "
+                         f"(model, {{name: interpreter}})")
+    if interps is not None:
+        model.provided_interpreters = _provided_interpreters(spec, model, obj, interps)
+    return model
+
+
+def _provided_interpreters(spec: str, model: "ImageClassifier", returned: nn.Module, interps: dict) -> dict:
+    """The interpreters an entry point hands over: Interpreter objects of its model, or callables
+    ``(x, target) -> map`` (wrapped in :class:`guard.interpreters.base.FunctionInterpreter`)."""
+    from guard.interpreters.base import FunctionInterpreter, Interpreter
+
+    out = {}
+    for name, it in interps.items():
+        if not isinstance(name, str) or not name or name in ("all",) or "," in name:
+            raise ModelError(f"entry point {spec!r}: interpreter names must be plain strings, got {name!r}")
+        if isinstance(it, Interpreter):
+            if it.model is not model and it.model is not returned:
+                raise ModelError(f"entry point {spec!r}: interpreter {name!r} explains another model object than "
+                                 f"the one returned")
+            it.name = name
+            out[name] = it
+        elif callable(it):
+            out[name] = FunctionInterpreter(model, it, name)
+        else:
+            raise ModelError(f"entry point {spec!r}: interpreter {name!r} is a {type(it).__name__}, expected an "
+                             f"Interpreter or a callable (x, target) -> map")
+    return out
 
 
 def list_models() -> dict[str, str]:

@@ -159,3 +159,55 @@ def test_audit_of_an_adapter_is_a_transfer_result_judged_by_the_real_map(tmp_pat
     t = Target("fmnist_resnet", interpreters=["captum:Occlusion"], n=2, attacks=["pgd", "adv2"], defenses=[])
     with pytest.raises(AuditRefused, match="no native twin"):
         build_deployment(t, 0, torch.device("cpu"))
+
+
+TEAM_MODULE = '''
+import torch
+from guard.models import load_model
+from guard.interpreters import build_interpreter
+
+
+def build():
+    model = load_model("fmnist_resnet")
+
+    def edges(x, target):  # the team's own map: |x * d z_t / dx|, with a graph when x has one
+        xg = x if x.requires_grad else x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg, create_graph=x.requires_grad)
+        return torch.nn.functional.avg_pool2d((xg * g).abs(), 4)
+
+    return model, {"edges": edges, "mycam": build_interpreter("cam", model)}
+
+
+def bad_map():
+    return load_model("fmnist_resnet"), {"flat": lambda x, t: x.flatten(1)}
+
+
+def bad_value():
+    return load_model("fmnist_resnet"), {"num": 3}
+'''
+
+
+def test_an_entry_point_hands_over_its_own_interpreters(tmp_path, monkeypatch):
+    from audit.runner import Target, _validate_target, build_deployment
+    from guard.interpreters.base import FunctionInterpreter
+    from guard.models import ModelError, load_model
+
+    (tmp_path / "teammodels.py").write_text(TEAM_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = load_model("teammodels:build")
+    assert set(model.provided_interpreters) == {"edges", "mycam"}
+    t = Target("teammodels:build", interpreters=["edges", "mycam", "grad"], n=2, attacks=["pgd", "adv2"],
+               defenses=[])
+    _validate_target(t)
+    dep = build_deployment(t, 0, torch.device("cpu"))  # the pre-flight finds a gradient through `edges`
+    edges = dep.interpreters["edges"]
+    assert isinstance(edges, FunctionInterpreter) and edges.native_size((28, 28)) == (7, 7)
+    assert dep.interpreters["mycam"] is dep.model.provided_interpreters["mycam"]
+    xg = dep.x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(edges(xg).saliency.sum(), xg)
+    assert float(g.abs().sum()) > 0
+    with pytest.raises(InterpreterError, match="shape"):
+        load_model("teammodels:bad_map").provided_interpreters["flat"](dep.x)
+    with pytest.raises(ModelError, match="expected an Interpreter or a callable"):
+        load_model("teammodels:bad_value")

@@ -172,6 +172,43 @@ class Interpreter:
         return f"{type(self).__name__}(model={getattr(self.model, 'name', type(self.model).__name__)})"
 
 
+class FunctionInterpreter(Interpreter):
+    """A team's own interpreter given as a callable ``fn(x, target) -> map`` (B, 1, h, w) or (B, h, w): the
+    class is the model's prediction unless given; the map is min–max normalised. Differentiable when ``fn``
+    is (torch operations all the way): then the white-box attacks reach it; the audit's pre-flight checks."""
+
+    compile_parts = ()
+
+    def __init__(self, model: nn.Module, fn: Callable, name: str = "function") -> None:
+        super().__init__(model)
+        self.fn, self.name = fn, name
+        self._native: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def native_size(self, hw):
+        hw = tuple(hw)
+        if hw not in self._native:
+            p = next(self.model.parameters())
+            self._native[hw] = tuple(self.explain(torch.rand(1, self.model.input_size[0], *hw, device=p.device,
+                                                             dtype=p.dtype), None).saliency.shape[-2:])
+        return self._native[hw]
+
+    def explain(self, x, target):
+        logits = self.model(x)
+        t = pick_target(logits, target).detach()
+        m = self.fn(x, t)
+        if not isinstance(m, torch.Tensor):
+            raise InterpreterError(f"interpreter {self.name!r} returned {type(m).__name__}, expected a tensor map")
+        if m.ndim == 3:
+            m = m[:, None]
+        if m.ndim != 4 or m.shape[0] != x.shape[0] or m.shape[1] != 1:
+            raise InterpreterError(f"interpreter {self.name!r} returned a map of shape {tuple(m.shape)}; expected "
+                                   f"(B, 1, h, w) or (B, h, w) with B = {x.shape[0]}")
+        m = m.to(x.dtype)
+        if not torch.isfinite(m).all():
+            raise InterpreterError(f"interpreter {self.name!r} returned NaN or inf")
+        return Explanation(logits, minmax(m))
+
+
 def pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     return logits.argmax(1) if target is None else target.to(logits.device)
 
