@@ -18,6 +18,10 @@ CHEAP = {
     "mask": lambda m: Mask(m, steps=8, unroll=2, l1=0.0, tv=0.0),  # random nets: let p(t) drive the mask
     "rts": lambda m: RTS.untrained(m, width=8),
     "rtsa": lambda m: RTSA.untrained(m, width=8),
+    "gradcam": lambda m: build_interpreter("gradcam", m),
+    "gradcampp": lambda m: build_interpreter("gradcampp", m),
+    "inputxgrad": lambda m: build_interpreter("inputxgrad", m),
+    "ig": lambda m: build_interpreter("ig", m, steps=4),
 }
 
 
