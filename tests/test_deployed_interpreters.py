@@ -207,6 +207,14 @@ def test_an_entry_point_hands_over_its_own_interpreters(tmp_path, monkeypatch):
     xg = dep.x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(edges(xg).saliency.sum(), xg)
     assert float(g.abs().sum()) > 0
+    # end to end: the audit attacks the team's map through the one loop and reports it by its name
+    from audit.runner import AuditConfig, run_audit
+
+    rep = run_audit(AuditConfig(name="ep", batch_size=2, bootstrap=10, examples=0, targets=[
+        Target("teammodels:build", interpreters=["edges"], n=2, attacks=["pgd", "adv2"], defenses=[], shorten=50)]),
+        tmp_path / "runs")
+    a = next(iter(rep["targets"].values()))["summary"]["interpreters"]["edges"]
+    assert a["adv2"]["asr"]["n"] == 2 and a["spoofability"]["n"] == 2
     with pytest.raises(InterpreterError, match="shape"):
         load_model("teammodels:bad_map").provided_interpreters["flat"](dep.x)
     with pytest.raises(ModelError, match="expected an Interpreter or a callable"):
