@@ -74,6 +74,7 @@ def compare(a: dict, defenses: list[str], fpr: float) -> dict:
     for d in defenses:
         info = a.get("defense_info", {}).get(d, {})
         row = {"defense": d, "spoofability": a.get(f"spoofability_{d}"), "asr": info.get("asr"),
+               "own_map": d != "ensemble",
                "fpr_heldout": info.get("fpr_heldout"), "fpr_heldout_rate": info.get("fpr_heldout_rate"),
                "auc": info.get("auc"), "auc_plain": info.get("auc_plain"),
                "fidelity_l1": info.get("fidelity_l1"), "tau": info.get("tau"), "cost": info.get("cost"),
@@ -91,11 +92,16 @@ def too_many_false_alarms(row: dict, fpr: float) -> bool:
 
 def verdict(rows: list[dict], fpr: float) -> dict:
     base = rows[0]["spoofability"]
-    usable = [r for r in rows[1:] if r["applies"] and not too_many_false_alarms(r, fpr)]
-    costly = [r["defense"] for r in rows[1:] if r["applies"] and r not in usable]
+    usable = [r for r in rows[1:] if r["applies"] and r.get("own_map", True) and not too_many_false_alarms(r, fpr)]
+    costly = [r["defense"] for r in rows[1:] if r["applies"] and too_many_false_alarms(r, fpr)]
+    weak = [r["defense"] for r in rows[1:] if r["applies"] and not r.get("own_map", True)]
     out = _verdict(base, usable, fpr)
     if costly:
         out["text"] += f" (left out, held-out FPR significantly above {fpr:.0%}: {', '.join(costly)})"
+    if weak:
+        out["text"] += (f" (not counted: {', '.join(weak)}, whose attack optimises the ensemble's mean map rather than "
+                        f"this interpreter's — a weaker attack here; ensemble-norm carries the detector's hinge on "
+                        f"this interpreter's own ADV²)")
     return out
 
 

@@ -65,10 +65,23 @@ def render(report: dict, source: str) -> str:
             for cells in comparison_rows(a["comparison"]):
                 out.append("| " + " | ".join(c or " " for c in cells) + " |")
             out.append(f"\n**Verdict:** {a['comparison']['verdict']['text']}.\n")
+            out.append(f"**Halving bar** (a defense under its own attack at most half the undefended spoofability, "
+                       f"held-out FPR ≤ 6%, clean accuracy unchanged): {halving(a['comparison'])}.\n")
             for d, info in a.get("defense_info", {}).items():
                 if "certified" in info:
                     out.append(f"{d}: {_cert_text(info['certified'], tg)}.\n")
     return "\n".join(out)
+
+
+def halving(cmp: dict) -> str:
+    base = cmp["rows"][0]["spoofability"]["mean"]
+    ok = [r for r in cmp["rows"][1:] if r["applies"] and r.get("own_map", True)
+          and (r["fpr_heldout"] is None or r["fpr_heldout"] <= 0.06) and r["spoofability"]["mean"] <= base / 2]
+    if ok:
+        return "met by " + ", ".join(f"{r['defense']} ({base:.0%} → {r['spoofability']['mean']:.0%})" for r in ok)
+    rows = [r for r in cmp["rows"][1:] if r["applies"] and r.get("own_map", True)]
+    best = min(rows, key=lambda r: r["spoofability"]["mean"]) if rows else None
+    return "not met" + (f"; closest {best['defense']} ({base:.0%} → {best['spoofability']['mean']:.0%})" if best else "")
 
 
 def page() -> str:

@@ -225,6 +225,9 @@ def test_comparison_verdicts():
     # a detector that flags 20% of benign inputs is left out, however low its spoofability
     v = compare(_summary((90, 100), learned=(0, 100, 0.20), squeeze=(85, 100, 0.05)), ["learned", "squeeze"], 0.05)
     assert v["verdict"]["best"] == "squeeze" and "left out" in v["verdict"]["text"] and "learned" in v["verdict"]["text"]
+    # the joint ensemble attack optimises the ensemble's map, not this interpreter's: shown, never the verdict
+    v = compare(_summary((20, 48), ensemble=(0, 48, 0.05), squeeze=(15, 48, 0.04)), ["ensemble", "squeeze"], 0.05)
+    assert v["verdict"]["best"] == "squeeze" and "not counted: ensemble" in v["verdict"]["text"]
     # a defense that did not run is a row that says so, not a zero
     v = compare(_summary((5, 8)), ["beta"], 0.05)
     assert v["rows"][1]["applies"] is False and v["verdict"]["best"] is None
