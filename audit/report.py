@@ -186,7 +186,7 @@ def comparison_rows(cmp: dict) -> list[list[str]]:
         if r.get("auc_plain") is not None:
             auc += f" / {r['auc_plain']:.2f}"
         fid = r.get("fidelity_l1")
-        out.append([r["defense"], _rate(r["spoofability"]), _rate(r["asr"]),
+        out.append([r["defense"], _rate(r["spoofability"]) + ("" if r.get("own_map", True) else " †"), _rate(r["asr"]),
                     _fmt(r["fpr_heldout"], True), auc, _fmt(fid["mean"]) if fid else "–",
                     cost_text(r["cost"]) if r.get("cost") else "–"])
     return out
@@ -198,7 +198,8 @@ COMPARISON_NOTE = ("Each defense is scored under an attack that knows it: detect
                    "hinge (ASR = reaching c_t; spoofability also needs undetected and within τ), map defenses under "
                    "ADV² against the defended map (smoothing: fresh noise each step, EOT) with their own τ. AUC: "
                    "held-out benign vs that attack's successful inputs (and vs plain ADV²). Map L1 cost: L1 between "
-                   "the defended and the plain benign map. No defense changes the classifier (clean accuracy cost 0).")
+                   "the defended and the plain benign map. No defense changes the classifier (clean accuracy cost 0). † the joint "
+                   "ensemble attack optimises the ensemble's mean map, not this interpreter's: not counted in the verdict.")
 
 
 def headline_text(report: dict) -> str:

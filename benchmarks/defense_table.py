@@ -36,7 +36,8 @@ Spoofability = ADV² reaches the attacker's class, the map stays within τ of th
 the input is not flagged; rates carry exact 95% intervals. AUC: held-out benign images vs the adaptive
 attack's successful inputs / vs plain ADV²'s. Map L1 cost: L1 between the defended and the plain benign map.
 No defense changes the classifier, so clean accuracy is unchanged (cost 0); a detector's cost is its
-held-out FPR. The verdict leaves out a detector whose held-out FPR is significantly above the target.
+held-out FPR. The verdict leaves out a detector whose held-out FPR is significantly above the target, and
+the `ensemble` row (†), whose joint attack optimises the ensemble's mean map rather than the row's interpreter.
 """
 HEAD = ["defense", "spoofability [95% CI]", "ASR of its attack", "FPR held-out", "AUC adaptive / plain",
         "map L1 cost", "extra per input"]

@@ -99,7 +99,7 @@ def test_adaptive_attack_lowers_stability_detection_on_a_real_model(fmnist_resne
     cam = build_interpreter("cam", fmnist_resnet)
     det = StabilityDetector([cam])
     det.calibrate(xs[5000:5200], 0.05)
-    x, y = xs[:12], ys[:12]
+    x, y = xs[:8], ys[:8]
     y_t = target_classes(y, 10, torch.Generator().manual_seed(0))
     bm = benign_maps(cam, x)
     torch.manual_seed(0)
