@@ -642,11 +642,12 @@ def _detect(dets: dict, x_adv: torch.Tensor) -> dict:
     from guard.interpreters.base import check_input
 
     out = {"flags": {}, "scores": {}}
+    if dets:
+        check_input(x_adv, next(iter(dets.values())).model)  # every detector watches the deployment's model
     for d, det in dets.items():
-        check_input(x_adv, det.model)
         with torch.no_grad():
             s = det.scores(x_adv)
-        out["flags"][d] = {k: v.tolist() for k, v in det._flag(s).items()}
+        out["flags"][d] = {k: v.tolist() for k, v in det.flag_scores(s).items()}
         out["scores"][d] = s[det.decision].tolist()
     return out
 

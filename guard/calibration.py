@@ -119,7 +119,7 @@ class Detector:
             self.calibration["n_heldout"] = int(heldout.shape[0])
             check_input(heldout, self.model)
             held = self.score_all(heldout)
-            self.calibration["fpr_heldout"] = {k: float(v.float().mean()) for k, v in self._flag(held).items()}
+            self.calibration["fpr_heldout"] = {k: float(v.float().mean()) for k, v in self.flag_scores(held).items()}
             self.calibration["heldout_scores"] = held[self.decision].tolist()  # the benign side of ROC AUC
         return self.calibration
 
@@ -135,14 +135,15 @@ class Detector:
         check_input(x, self.model)
         with torch.no_grad():
             s = self.scores(x)
-        return self._flag(s)
+        return self.flag_scores(s)
 
     def flag_all(self, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
         self._require_calibrated()
         check_input(x, self.model)
-        return self._flag(self.score_all(x, batch_size))
+        return self.flag_scores(self.score_all(x, batch_size))
 
-    def _flag(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def flag_scores(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Flags from already computed scores (a score that is not finite flags its input)."""
         return {k: (v > self.thresholds[k]) | ~torch.isfinite(v) for k, v in scores.items()}
 
     def detected(self, x: torch.Tensor) -> torch.Tensor:

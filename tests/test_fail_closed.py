@@ -132,7 +132,7 @@ def test_detector_never_calls_an_unscorable_input_benign(fmnist_resnet, fmnist_t
 
     det = SqueezeDetector(fmnist_resnet)
     det.calibrate(fmnist_test.tensors[0][:40], 0.05)
-    assert det._flag({"joint": torch.tensor([float("nan"), 0.0])})["joint"].tolist() == [True, False]
+    assert det.flag_scores({"joint": torch.tensor([float("nan"), 0.0])})["joint"].tolist() == [True, False]
     with pytest.raises(InterpreterError, match="NaN"):
         det.flags(torch.full((1, 1, 28, 28), float("nan")))
 
