@@ -84,6 +84,7 @@ class Attack:
     """
 
     name = "attack"
+    judge_start = False  # judge the start before the first step (refinements: attacks/blackbox.py)
     DETECTED = 1e6  # added to a detected iterate's map distance in best-iterate selection
 
     def __init__(self, threat, stages: Sequence[Stage], pred_loss="nll", int_loss="mse",
@@ -203,6 +204,21 @@ class Attack:
             return vi - stage.lr * mh / (vh.sqrt() + 1e-8)
         raise AttackError(f"unknown step rule {stage.rule!r}")
 
+    def gradient(self, interp: Interpreter, x0: torch.Tensor, v: torch.Tensor, y_t: torch.Tensor,
+                 map_t: torch.Tensor | None, lam: float, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample loss, its gradient w.r.t. ``v``) for the active samples: autograd through the objective
+        (under autocast at reduced precision). The override point of gradient-free attacks (attacks/blackbox.py)."""
+        amp = PRECISIONS[self.precision]
+        with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):
+            per = self.loss(interp, self.threat.apply(x0, v), v, y_t, map_t, lam, idx)
+        per = per.float()
+        (g,) = torch.autograd.grad(per.sum(), v)
+        return per, g
+
+    def start(self, x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The optimisation variable's first value (the threat model's start; a refinement starts elsewhere)."""
+        return self.threat.init(x0, gen)
+
     def reset(self, interp: Interpreter, x0: torch.Tensor, y_t: torch.Tensor) -> None:
         """Called once before the loop; attacks with per-sample state (MASK-ADV²) initialise it here."""
 
@@ -212,15 +228,17 @@ class Attack:
         self.reset(interp, x0, y_t)
         gen = torch.Generator().manual_seed(self.seed)
         b = x0.shape[0]
-        v = self.threat.init(x0, gen)
+        v = self.start(x0, gen)
         best_x = self.threat.quantize(self.threat.apply(x0, v), x0)
         best_d = torch.full((b,), math.inf, device=x0.device, dtype=x0.dtype)
         best_ok = torch.zeros(b, dtype=torch.bool, device=x0.device)
+        if self.judge_start:  # a refinement's start is a candidate like any iterate
+            _, best_ok, d0 = self.judge(interp, best_x, y_t, map_t, torch.arange(b, device=x0.device))
+            best_d = torch.where(best_ok, d0, best_d)
         active = torch.ones(b, dtype=torch.bool, device=x0.device)
         adam = {"m": torch.zeros_like(v), "v": torch.zeros_like(v), "t": 0}
         hist: dict[str, list] = {"step": [], "loss": [], "success": [], "map_distance": []}
         total_steps = sum(s.steps for s in self.stages)
-        amp = PRECISIONS[self.precision]
         step = 0
         idx = active.nonzero().squeeze(1)  # recomputed only when samples leave (early stop): no sync per step
         # x0, y_t, map_t were validated once: no per-step input checks (host syncs); MASK (alone or in an
@@ -233,12 +251,9 @@ class Attack:
                     if idx.numel() == 0:
                         break
                     vi = v[idx].detach().requires_grad_(True)
-                    xi = self.threat.apply(x0[idx], vi)
                     lam = lam_of(i)
-                    with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):
-                        per = self.loss(interp, xi, vi, y_t[idx], None if map_t is None else map_t[idx], lam, idx)
-                    per = per.float()
-                    (g,) = torch.autograd.grad(per.sum(), vi)
+                    per, g = self.gradient(interp, x0[idx], vi, y_t[idx], None if map_t is None else map_t[idx],
+                                           lam, idx)
                     with torch.no_grad():
                         v[idx] = self.threat.project(self._update(stage, interp, x0[idx], vi, g, y_t[idx], lam, idx,
                                                                   adam), x0[idx])

@@ -25,7 +25,8 @@ KNOWN_ERRORS = (ModelError, DataError, InterpreterError, ValueError, OSError)
 EXIT_CODES = """Exit status: 0 the audit measured the deployment (and it is within --fail-above); 1 an error
 (bad setting, model, data or folder; one 'Error:' line); 2 a usage error of the command line; 3 the
 headline spoofability is above --fail-above; 4 the audit could not measure the deployment (refused before
-the attacks, or a target marked INCONCLUSIVE after them) and passes no gate."""
+the attacks, or a target marked INCONCLUSIVE after them) and passes no gate — nor does, under --fail-above,
+a spoofability measured only from below (an interpreter without a gradient, attacked by transfer / queries)."""
 
 
 class CliError(click.ClickException):
@@ -276,6 +277,7 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
 # audit, reproduce, detect
 # ------------------------------------------------------------------------------------------------------------
 TARGET_FLAGS = ("model", "weights", "interpreters", "data", "n", "eps", "attacks", "defenses", "schedule", "shorten",
+                "queries", "threat_model",
                 "outputs")
 
 
@@ -401,6 +403,12 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
     if fail_above is not None and score > fail_above:
         click.echo(f"FAIL: spoofability {score:.0%} is above --fail-above {fail_above:.0%}", err=True)
         sys.exit(3)
+    for r in head.get("lower_bound", []):
+        click.echo(f"LOWER BOUND: {r}: a white-box attacker could spoof more", err=True)
+    if fail_above is not None and head.get("lower_bound"):
+        click.echo("INCONCLUSIVE: spoofability measured only from below (transfer / query attacks) cannot pass "
+                   "--fail-above (exit status 4)", err=True)
+        sys.exit(4)
 
 
 def _audit_options(fn):
@@ -417,7 +425,11 @@ def _audit_options(fn):
         click.option("--data", help="fashion-mnist, photos, or an ImageFolder root."),
         click.option("--n", type=int, help="Inputs to audit per target."),
         click.option("--eps", type=float, help="L∞ budget in 1/255 units (default 24 for 28×28, 8 otherwise)."),
-        click.option("--attacks", help="Comma list of pgd,adv2,stadv2,adaptive."),
+        click.option("--attacks", help="Comma list of pgd,adv2,stadv2,adaptive,blackbox (blackbox: ADV² by queries "
+                                       "of the map, also run by itself on interpreters without a gradient)."),
+        click.option("--queries", type=int, help="Query budget per image of black-box ADV² (default 2000)."),
+        click.option("--threat-model", type=click.Choice(["graybox", "blackbox"]),
+                     help="Black-box ADV²: graybox (classifier gradients, map by queries; default) or blackbox."),
         click.option("--defenses", help="Comma list of squeeze, ensemble, ensemble-norm, stability, learned, smooth, beta, rtsa, or all (empty string: none)."),
         click.option("--schedule", type=click.Choice(["short", "paper"])),
         click.option("--shorten", type=int, help="Divide every attack schedule by this (schedule short)."),

@@ -74,7 +74,7 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 
 SCHEMA_VERSION = 2  # 2: exact rate intervals, τ over several draws per input, status, journal fingerprints
-ATTACK_LABELS = {"pgd": "PGD", "adv2": "ADV²", "adaptive-squeeze": "ADV²* vs squeezing",
+ATTACK_LABELS = {"pgd": "PGD", "adv2": "ADV²", "blackbox": "ADV² by queries", "adaptive-squeeze": "ADV²* vs squeezing",
                  "adaptive-ensemble": "ADV²* vs ensemble", "stadv2": "stAdv-ADV²",
                  "adaptive-ensemble-norm": "ADV²* vs ensemble-norm", "adaptive-stability": "ADV²* vs stability",
                  "adaptive-learned": "ADV²* vs learned", "defense-smooth": "ADV²* on smoothed map",
@@ -167,6 +167,19 @@ def _rate(r: dict | None) -> str:
     return f"{r['mean']:.0%} [{lo:.0%}–{hi:.0%}]"
 
 
+def queries_text(name: str, a: dict, tg: dict) -> str | None:
+    """How the attacks on an interpreter without a gradient read its map: queries spent and queries per spoof."""
+    parts = []
+    for atk, label in (("adv2", "transfer"), ("blackbox", f"query ADV² ({tg['target'].get('threat_model', 'graybox')})")):
+        q = a.get(atk, {}).get("queries") if isinstance(a.get(atk), dict) else None
+        if q:
+            ps = q["per_success"]
+            per = (f"; per spoofed input median {ps['median']:.0f}, 90th pct {ps['p90']:.0f} (n = {ps['n']})"
+                   if ps["n"] else "; no input spoofed")
+            parts.append(f"{label}: {q['spent_median']:.0f} queries per image (max {q['spent_max']}){per}")
+    return f"queries of {name}: " + " · ".join(parts) if parts else None
+
+
 def _cert_text(c: dict, tg: dict) -> str:
     fr = ", ".join(f"{v:.0%} at r = {r:g}" for r, v in zip(c["radii"], c["mean"]))
     return (f"certified top-{c['k']:.0%} pixels of {c['samples']} noisy copies: {fr} (ℓ2; the ℓ∞ budget reaches "
@@ -219,12 +232,13 @@ def summary_text(report: dict) -> str:
             lines.append(f"  ! {w}")
         for r in tg["status"]["reasons"]:
             lines.append(f"  INCONCLUSIVE: {r}")
-        lines.append(f"  {'interpreter':<12}{'attack':<24}{'ASR [95% CI]':>16}{'L1':>8}{'IoU':>7}  detected (decision)")
+        w = max(12, *(len(n) + 2 for n in tg["summary"]["interpreters"]))
+        lines.append(f"  {'interpreter':<{w}}{'attack':<24}{'ASR [95% CI]':>16}{'L1':>8}{'IoU':>7}  detected (decision)")
         for r in summary_rows({"targets": {key: tg}}):
             dets = ", ".join(f"{d} {_fmt(r['detection'].get(d + ':' + v['decision']), True)}"
                              for d, v in tg["detectors"].items())
             asr = _rate({"mean": r["asr"], "ci95": r["asr_ci95"]})
-            lines.append(f"  {r['interpreter']:<12}{ATTACK_LABELS.get(r['attack'], r['attack']):<24}"
+            lines.append(f"  {r['interpreter']:<{w}}{ATTACK_LABELS.get(r['attack'], r['attack']):<24}"
                          f"{asr:>16}{_fmt(r['l1']):>8}{_fmt(r['iou']):>7}  {dets}")
         for name, a in tg["summary"]["interpreters"].items():
             extra = "" if "comparison" in a else "".join(f", under {k.split('_', 1)[1]} {_rate(v)}"
@@ -232,8 +246,12 @@ def summary_text(report: dict) -> str:
             if "spoofability" in a:
                 te = a["tau_estimate"]
                 ref = f", PGD within τ {_rate(a['pgd_within_tau'])}" if "pgd_within_tau" in a else ""
-                lines.append(f"  spoofability {name}: {_rate(a['spoofability'])} (τ = {a['tau']:.3f} "
-                             f"[{te['ci95'][0]:.3f}–{te['ci95'][1]:.3f}]{ref}){extra}")
+                lb = f" — a LOWER BOUND ({a['lower_bound']})" if a.get("lower_bound") else ""
+                by = "".join(f", {ATTACK_LABELS.get(k, k)} {_rate(v)}" for k, v in a.get("spoofability_by", {}).items())
+                lines.append(f"  spoofability {name}: {_rate(a['spoofability'])}{lb} (τ = {a['tau']:.3f} "
+                             f"[{te['ci95'][0]:.3f}–{te['ci95'][1]:.3f}]{ref}{by}){extra}")
+            if qt := queries_text(name, a, tg):
+                lines.append(f"  {qt}")
             if "certified" in a:
                 lines.append(f"  {_cert_text(a['certified'], tg)}")
         for name, a in tg["summary"]["interpreters"].items():
@@ -415,7 +433,12 @@ def render_html(report: dict) -> str:
             parts.append(f"<p class='warn'><b>INCONCLUSIVE</b>: {html.escape(r)}</p>")
         # with a defense comparison (below) the per-defense spoofability lives there, not in this table
         shown = [] if any("comparison" in a for a in tg["summary"]["interpreters"].values()) else t["defenses"]
-        sp = "".join(f"<tr><td class=l>{n.upper()}</td><td>{_rate(a.get('spoofability'))}</td><td>{_fmt(a['tau'])} "
+        sp = "".join(f"<tr><td class=l>{n.upper()}</td><td>{_rate(a.get('spoofability'))}"
+                     + (f" <b class=warnc>lower bound</b><br><small>{html.escape(a['lower_bound'])}</small>"
+                        if a.get("lower_bound") else "")
+                     + "".join(f"<br><small>{ATTACK_LABELS.get(k, k)} {_rate(v)}</small>"
+                               for k, v in a.get("spoofability_by", {}).items())
+                     + f"</td><td>{_fmt(a['tau'])} "
                      f"<small>[{_fmt(a['tau_estimate'].get('ci95', [None])[0])}, "
                      f"{_fmt(a['tau_estimate'].get('ci95', [None, None])[1])}]</small></td>"
                      f"<td>{_rate(a.get('pgd_within_tau'))}</td>"
@@ -427,6 +450,8 @@ def render_html(report: dict) -> str:
         for n, a in tg["summary"]["interpreters"].items():
             if "certified" in a:
                 parts.append(f"<p>{n.upper()}: {html.escape(_cert_text(a['certified'], tg))}</p>")
+            if qt := queries_text(n, a, tg):
+                parts.append(f"<p>{html.escape(qt)}</p>")
         te = next(iter(tg["summary"]["interpreters"].values()))["tau_estimate"]
         parts.append(f"<p><small>Rates show exact (Clopper–Pearson) 95% intervals. τ is the 95th percentile of "
                      f"the map noise pooled over {te.get('inputs', 0)} inputs × {te.get('draws', 0)} noise draws, the "

@@ -50,6 +50,7 @@ import torch
 
 from attacks.adaptive import adaptive
 from attacks.adv2 import PGD, make_adv2
+from attacks.blackbox import THREATS, Counted, QueryAdv2, transfer_start
 from attacks.pgd import PRECISIONS
 from attacks.stadv import StAdv2
 from attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
@@ -70,7 +71,7 @@ from training.data import DataError, ImageFolderDataset, fashion_mnist, load_ima
 from training.loop import distributed_setup
 
 log = logging.getLogger(__name__)
-ATTACKS = ("pgd", "adv2", "stadv2", "adaptive")
+ATTACKS = ("pgd", "adv2", "stadv2", "adaptive", "blackbox")
 TARGET_MAPS = ("benign", "shapes", "other")
 Progress = Callable[[str], None]
 # The adaptive attacks' hinge pulls against the map term; λ ×3 restores most of the map fidelity
@@ -135,6 +136,8 @@ class Target:
     noise_draws: int = 4  # noise draws per audited input behind τ
     target_maps: list[str] = field(default_factory=lambda: ["benign"])  # + "shapes", "other" (Tables 6, 8)
     outputs: str = "logits"  # what the model returns: logits, or probs (the audit then takes their log)
+    queries: int = 2000  # the query budget per image of black-box ADV² (attacks/blackbox.py), transfer included
+    threat_model: str = "graybox"  # of black-box ADV²: graybox (classifier white-box) or blackbox (queries only)
 
     def key(self) -> str:
         return f"{self.model}@{Path(self.data).name if os.sep in self.data else self.data}"
@@ -210,13 +213,15 @@ class AuditConfig:
 
 def _validate_target(t: Target) -> None:
     where = f"target {t.key()}"
-    for k in ("n", "shorten", "calibration_n", "noise_draws", "learned_n", "smooth_samples"):
+    for k in ("n", "shorten", "calibration_n", "noise_draws", "learned_n", "smooth_samples", "queries"):
         if getattr(t, k) < 1:
             raise AuditError(f"{where}: {k} must be an integer ≥ 1, got {getattr(t, k)}")
     for k in ("eps", "noise"):
         v = getattr(t, k)
         if v is not None and not 0.5 <= v <= 255:
             raise AuditError(f"{where}: {k} is in 1/255 units (8 means 8/255) and must be in [0.5, 255], got {v}")
+    if t.threat_model not in THREATS:
+        raise AuditError(f"{where}: threat_model must be one of {', '.join(THREATS)}, not {t.threat_model!r}")
     if t.outputs not in ("logits", "probs"):
         raise AuditError(f"{where}: outputs must be 'logits' or 'probs', not {t.outputs!r}")
     if "pgd" not in t.attacks:  # PGD is the audit's check that attacks work on this deployment: always run
@@ -331,6 +336,7 @@ class Deployment:
     compile: bool = False
     defended: dict = field(default_factory=dict)  # map defense → {interpreter: its defended interpreter}
     transfer: dict = field(default_factory=dict)  # adapter name → the native twin its attacks optimise
+    opaque: set = field(default_factory=set)  # interpreters without a gradient to the input: attacked by queries
 
     @property
     def attack_kw(self) -> dict:
@@ -471,9 +477,10 @@ def _gradient_names(t: Target) -> set[str]:
     return names
 
 
-def _preflight(t: Target, model, interps: dict, x: torch.Tensor, y: torch.Tensor) -> list[str]:
-    """Gradient checks: PGD needs the logits' gradient, a gradient attack on a map needs the map's. A missing
-    one refuses the audit (it would report a deployment it could not attack as safe); returns warnings."""
+def _preflight(t: Target, model, interps: dict, x: torch.Tensor, y: torch.Tensor, opaque: set) -> list[str]:
+    """Gradient checks: PGD needs the logits' gradient (a missing one refuses the audit: it would report a
+    deployment it could not attack as safe); a map without a gradient is added to ``opaque`` and attacked with
+    queries instead (black-box ADV²). Returns warnings."""
     warnings = []
     if model.training:
         model.eval()
@@ -484,21 +491,49 @@ def _preflight(t: Target, model, interps: dict, x: torch.Tensor, y: torch.Tensor
         raise AuditRefused(f"model {model.name}'s logits have no gradient w.r.t. the input (masked or "
                            f"non-differentiable preprocessing): PGD and ADV² cannot attack it, and an audit would "
                            f"report it safe. Audit the differentiable model behind the preprocessing")
-    attacked = _gradient_names(t)
     for name, it in interps.items():
-        if name == "mask":
+        if name == "mask" or name in opaque:
             continue  # MASK's gradient flows through its unrolled inner steps; checked by the test suite
         xg = x[:2].clone().requires_grad_(True)
         e = it(xg)
-        (g,) = torch.autograd.grad(e.saliency.sum(), xg, allow_unused=True)
+        g = None
+        if e.saliency.requires_grad:
+            (g,) = torch.autograd.grad(e.saliency.sum(), xg, allow_unused=True)
         if g is None or not torch.isfinite(g).all() or float(g.abs().sum()) == 0:
-            if name in attacked:
-                raise AuditRefused(f"the {name} map has no gradient w.r.t. the input (masked gradient): ADV² "
-                                   f"cannot optimise it and the audit would report it safe. Leave {name} out of "
-                                   f"the attacked interpreters (adv2_interpreters, adaptive_interpreters, "
-                                   f"ensemble_members) or fix the gradient path")
-            warnings.append(f"WARNING: the {name} map has no gradient w.r.t. the input; it is only read here")
+            opaque.add(name)
     return warnings
+
+
+def _exclude_opaque(t: Target, opaque: set, transfer: dict, warnings: list[str]) -> None:
+    """Interpreters without a gradient (and no native twin) leave every gradient attack: ADV² becomes black-box
+    ADV², and defaults that would optimise through them (the members of the ensemble and stability detectors,
+    the adaptive attacks) leave them out, with a note. Named explicitly there, the audit is refused: an
+    adaptive attack blind to a member would overstate the defense."""
+    for name in sorted(opaque):
+        warnings.append(f"BLACK BOX: the {name} map has no gradient w.r.t. the input and no native twin; ADV² "
+                        f"attacks it with queries ({THREATS[t.threat_model]}; ≤ {t.queries} queries per image). "
+                        f"Its spoofability is a lower bound: a white-box attacker could do at least as well")
+    if not opaque:
+        return
+    for group in ("ensemble_members", "stability_members", "adaptive_interpreters"):
+        named = getattr(t, group)
+        if named is not None and (bad := opaque & set(named)):
+            raise AuditRefused(f"{sorted(bad)} in {group} have no gradient: an adaptive attack cannot optimise "
+                               f"through them and would overstate the defense. Leave them out of {group}")
+        if named is None:
+            default = {"ensemble_members": _ensemble_names, "stability_members": _stability_names,
+                       "adaptive_interpreters": _adaptive_names}[group](t)
+            setattr(t, group, [n for n in default if n not in opaque])
+    for d in NEEDS_TWO:
+        if d in t.defenses and len(t.ensemble_members) < 2:
+            t.defenses = [x for x in t.defenses if x != d]
+            warnings.append(f"note: the {d} defense is dropped: fewer than two interpreters with a gradient to "
+                            f"compare once {', '.join(sorted(opaque))} left its members")
+    if not t.stability_members:
+        for d in ("stability", "learned"):
+            if d in t.defenses:
+                t.defenses = [x for x in t.defenses if x != d]
+                warnings.append(f"note: the {d} defense is dropped: no interpreter with a gradient to watch")
 
 
 def build_deployment(t: Target, seed: int, device: torch.device, precision: str = "fp32",
@@ -517,15 +552,12 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     if t.outputs == "probs":
         model = from_probabilities(model)
     interps = {n: provided[n] if n in provided else build_interpreter(n, model) for n in t.interpreters}
-    warnings, transfer = [], {}
+    warnings, transfer, opaque = [], {}, set()
     for n, it in list(interps.items()):  # adapters (captum:, gradcam:) compute without a gradient
         if isinstance(it, Adapter):
             twin = build_twin(it, model)
             if twin is None:
-                if n in _gradient_names(t):
-                    raise AuditRefused(f"{n} computes its map without a gradient and has no native twin to attack "
-                                       f"instead: a gradient attack cannot reach it, and the audit would report it "
-                                       f"safe. Leave it out of the attacked interpreters (it is then only read)")
+                opaque.add(n)  # attacked with queries (black-box ADV²) instead
                 continue
             interps[n], transfer[n] = Transfer(twin, it), twin.name
             warnings.append(f"TRANSFER: {n} computes its map without a gradient; its attacks optimise the native "
@@ -548,7 +580,8 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y_t = target_classes(y.cpu(), model.num_classes, torch.Generator().manual_seed(seed)).to(device)
-    warnings += _preflight(t, model, interps, x, y)
+    warnings += _preflight(t, model, interps, x, y, opaque)
+    _exclude_opaque(t, opaque, transfer, warnings)
     if len(x) < t.n:
         warnings.append(f"only {len(x)} correctly classified inputs available (asked for {t.n})")
     eps = (t.eps if t.eps is not None else (24 if model.input_size[1] == 28 else 8)) / 255
@@ -571,7 +604,7 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
                                 f"({', '.join(_adaptive_names(t))}); it has no row")
     return Deployment(model, interps, eps, x, y, y_t, None if x_cal is None else x_cal.to(device),
                       None if x_held is None else x_held.to(device), warnings, pool, precision, compile, defended,
-                      transfer)
+                      transfer, opaque)
 
 
 TORCH_SQUEEZERS = ("bits-2", "bits-3", "median-2", "median-3")
@@ -684,7 +717,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
             progress(f"certifying {name}")
             cert = it.certify(x, dep.y[sl], samples=CERT_SAMPLES, k=CERT_K)
             out["interpreters"][name]["certified"] = cert["certified"].tolist()  # (B, len(RADII))
-    adv_x = {}
+    adv_x, spent = {}, {}
     if "pgd" in t.attacks:
         progress("PGD")
         first = next(iter(dep.interpreters.values()))
@@ -693,18 +726,34 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
         for name, it in dep.interpreters.items():
             out["interpreters"][name]["pgd"] = _record(it, xp, y_t, bms[name], dets, keep, flags)
     for name, it in dep.interpreters.items():
-        if "adv2" in t.attacks and name in _adv2_names(t):
+        if "adv2" in t.attacks and name in _adv2_names(t) and name not in dep.opaque:
             for kind in t.target_maps:
                 progress(f"ADV²-{name.upper()}" + ("" if kind == "benign" else f" → {kind} target maps"))
                 map_t = bms[name] if kind == "benign" else _target_maps(kind, it, dep, x, y_t, seed + sl.start)
-                r = _adv2(t, dep, name)(it, x, y_t, map_t)
+                if kind == "benign" and isinstance(it, Transfer):  # its judgements read the real map: queries
+                    r, spent[name] = _transfer(t, dep, name, it, x, y_t, map_t)
+                else:
+                    r = _adv2(t, dep, name)(it, x, y_t, map_t)
                 rec = _record(it, r.x_adv, y_t, map_t, dets, keep)  # L1 / IoU to the attack's target map
                 if kind == "benign":
                     adv_x[name] = r.x_adv
+                    if name in spent:
+                        rec["queries"] = spent[name].tolist()
                     out["interpreters"][name]["adv2"] = rec
                 else:
                     rec["benign_l1_to_target"] = l1(bms[name], map_t).tolist()
                     out["interpreters"][name][f"adv2-{kind}"] = rec
+        if name in _blackbox_names(t, dep):
+            if isinstance(it, Transfer) and name not in spent:  # the transfer result is the start
+                r, spent[name] = _transfer(t, dep, name, it, x, y_t, bms[name])
+                adv_x[name] = r.x_adv
+            progress(f"black-box ADV²-{name} ({t.threat_model}, ≤ {t.queries} queries per image"
+                     + (", from the transfer result)" if name in spent else ")"))
+            r = _blackbox(t, dep, sl.start)(Counted(it), x, y_t, bms[name], start=adv_x.get(name) if name in spent
+                                            else None, spent=spent.get(name, 0))
+            rec = _record(it, r.x_adv, y_t, bms[name], dets, keep)
+            rec["queries"], rec["trace"] = r.history["queries"], r.history["trace"]
+            out["interpreters"][name]["blackbox"] = rec
         if "adaptive" in t.attacks and name in _adaptive_names(t):
             for d in t.defenses:
                 if d in DETECTORS and d != "ensemble":  # the ensemble's attack goes through all members, below
@@ -793,6 +842,23 @@ def _adv2(t: Target, dep: Deployment, name: str, **kw):
     return make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, **dep.attack_kw, **kw)
 
 
+def _transfer(t: Target, dep: Deployment, name: str, it: Transfer, x, y_t, map_t):
+    """ADV² against an adapter's native twin, judged by the adapter's map; (result, queries per image)."""
+    counted = Counted(it)
+    return transfer_start(_adv2(t, dep, name), Transfer(it.twin, counted), x, y_t, map_t, counted)
+
+
+def _blackbox(t: Target, dep: Deployment, seed: int) -> QueryAdv2:
+    return QueryAdv2(dep.eps, t.queries, t.threat_model, seed=seed)
+
+
+def _blackbox_names(t: Target, dep: Deployment) -> list[str]:
+    """Interpreters black-box ADV² attacks: those without a gradient whenever ADV² runs, every ADV² target with
+    ``blackbox`` among the attacks."""
+    names = _adv2_names(t)
+    return [n for n in names if ("adv2" in t.attacks and n in dep.opaque) or "blackbox" in t.attacks]
+
+
 def _adv2_names(t: Target) -> list[str]:
     return list(t.interpreters) if t.adv2_interpreters is None else list(t.adv2_interpreters)
 
@@ -878,6 +944,7 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
             c = torch.tensor(per["certified"], dtype=torch.float64)  # (N, len(RADII))
             a_int["certified"] = {"radii": list(RADII), "mean": c.mean(0).tolist(), "k": CERT_K,
                                   "samples": CERT_SAMPLES, "alpha": 0.05}
+        spoofed = {}
         for atk, rec in per.items():
             if atk in ("noise_l1", "certified"):
                 continue
@@ -894,8 +961,10 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
             if "benign_l1_to_target" in rec:  # other target maps: how far the benign map is from the target
                 row["benign_l1_to_target"] = _ci(rec["benign_l1_to_target"], n_boot, seed)
             close = [bool(s) and d <= tau for s, d in zip(ok, rec["l1"])]
-            if atk == "adv2":
-                a_int["spoofability"] = rate(sum(close), len(ok))
+            if "queries" in rec:  # transfer and black-box ADV²: what the attacker spent reading the real map
+                row["queries"] = query_stats(rec, close, tau)
+            if atk in UNDEFENDED:
+                spoofed[atk] = close
             elif atk == "pgd":
                 a_int["pgd_within_tau"] = rate(sum(close), len(ok))
             elif atk.startswith("adaptive-"):
@@ -925,13 +994,37 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
                     a_int["defense_info"][d]["certified"] = {"radii": list(RADII), "mean": c.mean(0).tolist(),
                                                             "k": CERT_K, "samples": CERT_SAMPLES, "alpha": 0.05}
             a_int[atk] = row
-        if "pgd" in a_int and "adv2" in a_int and a_int["pgd"]["l1"]["mean"]:
-            a_int["l1_ratio"] = (a_int["adv2"]["l1"]["mean"] or 0) / a_int["pgd"]["l1"]["mean"]
+        if spoofed:  # an input is spoofed when any attack on the undefended map spoofed it
+            a_int["spoofability"] = rate(sum(map(any, zip(*spoofed.values()))), len(next(iter(spoofed.values()))))
+            if len(spoofed) > 1:
+                a_int["spoofability_by"] = {atk: rate(sum(c), len(c)) for atk, c in spoofed.items()}
+        for atk in UNDEFENDED:
+            if "pgd" in a_int and atk in a_int and a_int["pgd"]["l1"]["mean"] and a_int[atk]["l1"]["mean"] is not None:
+                a_int["l1_ratio" if atk == "adv2" else f"l1_ratio_{atk}"] = a_int[atk]["l1"]["mean"] / a_int["pgd"]["l1"]["mean"]
         if defenses and "spoofability" in a_int:
             a_int["comparison"] = compare(a_int, list(defenses), fpr)
         agg[name] = a_int
     transfer = {a: {b: sum(v) / len(v) for b, v in row.items()} for a, row in records.get("transfer", {}).items()}
     return {"interpreters": agg, "transfer": transfer}
+
+
+UNDEFENDED = ("adv2", "blackbox")  # the attacks on the undefended map behind spoofability
+
+
+def query_stats(rec: dict, spoofed: list[bool], tau: float) -> dict:
+    """Queries spent per image, and per spoofed input the queries until the attack first held a spoof (the
+    first trace point whose best L1 is within τ; a transfer result: all its queries): median and 90th pct."""
+    import numpy as np
+
+    per_success = []
+    for i, s in enumerate(spoofed):
+        if s:
+            trace = rec.get("trace", [[]] * len(spoofed))[i]
+            per_success.append(next((q for q, d in trace if d is not None and d <= tau), rec["queries"][i]))
+    return {"spent_median": float(np.median(rec["queries"])), "spent_max": int(max(rec["queries"])),
+            "per_success": {"n": len(per_success),
+                            "median": float(np.median(per_success)) if per_success else None,
+                            "p90": float(np.percentile(per_success, 90)) if per_success else None}}
 
 
 def target_status(summary: dict, min_pgd_asr: float) -> dict:
@@ -955,7 +1048,9 @@ def target_status(summary: dict, min_pgd_asr: float) -> dict:
 
 def headline(targets: dict) -> dict:
     """The worst undefended spoofability over targets and interpreters, with its exact interval, and whether
-    the run can be trusted as a gate: ``status`` is "inconclusive" when any target is, or when no ADV² ran."""
+    the run can be trusted as a gate: ``status`` is "inconclusive" when any target is, or when no ADV² ran.
+    ``lower_bound`` lists the interpreters measured only by transfer or query attacks: their spoofability can
+    prove a deployment spoofable, never safe (the CLI's gate passes no run with one below --fail-above)."""
     cands = [(a["spoofability"], f"{key} / {name}") for key, tg in targets.items()
              for name, a in tg["summary"]["interpreters"].items() if "spoofability" in a]
     reasons = [f"{key}: {r}" for key, tg in targets.items() for r in tg["status"]["reasons"]]
@@ -963,9 +1058,11 @@ def headline(targets: dict) -> dict:
         reasons.append("no ADV² attack ran: spoofability was not measured")
         return {"spoofability": None, "ci95": None, "where": None, "status": "inconclusive", "inconclusive": reasons}
     worst, where = max(cands, key=lambda c: c[0]["mean"])
+    lower = [f"{key} / {name}: {a['lower_bound']}" for key, tg in targets.items()
+             for name, a in tg["summary"]["interpreters"].items() if a.get("lower_bound")]
     return {"spoofability": worst["mean"], "ci95": worst["ci95"], "k": worst["k"], "n": worst["n"], "where": where,
             "interval": worst["interval"], "status": "inconclusive" if reasons else "measured",
-            "inconclusive": reasons}
+            "inconclusive": reasons, "lower_bound": lower}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1221,6 +1318,11 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
                     for d, det in dets.items()}
         summary = aggregate(records, decisions, cfg.bootstrap, cfg.seed, det_info, t.defenses, cfg.fpr,
                             t.smooth_samples)
+        for name, a in summary["interpreters"].items():  # no white-box attack read this map's gradient
+            how = ("query ADV² only (the map has no gradient)" if name in dep.opaque else
+                   f"transfer from the native twin {dep.transfer[name]}" if name in dep.transfer else None)
+            if how and "spoofability" in a:
+                a["lower_bound"] = how + (" and query ADV²" if "blackbox" in a and name in dep.transfer else "")
         report["targets"][key] = {
             "target": asdict(t), "model": dep.model.name, "eps_255": round(dep.eps * 255, 3), "n": n,
             "batch_size": bs, "linf_as_l2": linf_as_l2(dep.eps, dep.x.shape[1:]), "fingerprint": {k: v for k, v in journal.fingerprint.items() if k != "config"},

@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def cli(*args, cwd, **kw) -> subprocess.CompletedProcess:
+def cli(*args, cwd, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """``underfire ARGS`` as a user runs it: a subprocess, output captured."""
-    return subprocess.run([sys.executable, "-m", "audit.cli", *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=600, **kw)
+    return subprocess.run([sys.executable, "-m", "audit.cli", *map(str, args)], cwd=cwd, env={**ENV, **(env_extra or {})},
+                          capture_output=True, text=True, timeout=600, **kw)
 
 
 def one_error(r: subprocess.CompletedProcess, needle: str, code: int = 1) -> str:

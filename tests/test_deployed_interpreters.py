@@ -142,8 +142,9 @@ def test_adapters_match_their_native_twins_and_carry_no_gradient(fmnist_resnet, 
 
 def test_audit_of_an_adapter_is_a_transfer_result_judged_by_the_real_map(tmp_path):
     """pytorch-grad-cam's GradCAM has no gradient: the audit attacks its native twin, judges with its own
-    map, says so, and measures spoofability (not refused, not reported safe for lack of a gradient). An
-    adapter without a twin (captum's Occlusion) is refused as an attacked interpreter."""
+    map, says so, counts the real map's reads as queries, and reports a lower bound (not refused, not
+    reported safe for lack of a gradient). An adapter without a twin (captum's Occlusion) is attacked by
+    queries only, and left out of the detectors an adaptive attack must optimise through."""
     from audit.runner import AuditConfig, AuditRefused, Target, build_deployment, run_audit
 
     cfg = AuditConfig(name="t", batch_size=4, bootstrap=20, examples=0, targets=[
@@ -156,8 +157,16 @@ def test_audit_of_an_adapter_is_a_transfer_result_judged_by_the_real_map(tmp_pat
     a = tg["summary"]["interpreters"]["gradcam:GradCAM"]
     assert a["spoofability"]["n"] == 4 and a["adv2"]["asr"]["mean"] >= 0.5
     assert tg["attacks"]["adv2-gradcam:GradCAM"]["interpreter"] == "gradcam"
-    t = Target("fmnist_resnet", interpreters=["captum:Occlusion"], n=2, attacks=["pgd", "adv2"], defenses=[])
-    with pytest.raises(AuditRefused, match="no native twin"):
+    assert "transfer from the native twin gradcam" in a["lower_bound"] and rep["headline"]["lower_bound"]
+    assert a["adv2"]["queries"]["spent_max"] > 0  # the transfer's judgements read the real map
+    t = Target("fmnist_resnet", interpreters=["captum:Occlusion", "grad", "cam"], n=2, attacks=["pgd", "adv2"],
+               defenses=["squeeze", "ensemble"])
+    dep = build_deployment(t, 0, torch.device("cpu"))
+    assert dep.opaque == {"captum:Occlusion"} and t.ensemble_members == ["grad", "cam"]
+    assert any(w.startswith("BLACK BOX: the captum:Occlusion map") for w in dep.warnings)
+    t = Target("fmnist_resnet", interpreters=["captum:Occlusion", "grad"], n=2, defenses=["ensemble"],
+               ensemble_members=["captum:Occlusion", "grad"])
+    with pytest.raises(AuditRefused, match="have no gradient"):
         build_deployment(t, 0, torch.device("cpu"))
 
 
