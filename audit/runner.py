@@ -138,8 +138,11 @@ class Target:
     outputs: str = "logits"  # what the model returns: logits, or probs (the audit then takes their log)
     queries: int = 2000  # the query budget per image of black-box ADV² (attacks/blackbox.py), transfer included
     threat_model: str = "graybox"  # of black-box ADV²: graybox (classifier white-box) or blackbox (queries only)
+    label: str | None = None  # the target's name in the report; None: model@data
 
     def key(self) -> str:
+        if self.label:
+            return self.label
         return f"{self.model}@{Path(self.data).name if os.sep in self.data else self.data}"
 
 
@@ -206,9 +209,14 @@ class AuditConfig:
         if self.precision not in PRECISIONS:
             raise AuditError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         check_device(self.device)
+        seen: dict[str, int] = {}
         for i, t in enumerate(self.targets):
             _check_types(asdict(t), Target, f"targets[{i}].")
             _validate_target(t)
+            if t.key() in seen:
+                raise AuditError(f"targets[{i}] and targets[{seen[t.key()]}] are both {t.key()!r}: give one a "
+                                 f"label (label = \"...\") to tell them apart in the report")
+            seen[t.key()] = i
 
 
 def _validate_target(t: Target) -> None:

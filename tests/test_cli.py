@@ -96,3 +96,18 @@ def test_train_rts_adversarial_with_area_match(tmp_path):
     cal = ck["metrics"]["area_calibration"]
     assert cal["images"] == 32 and ck["balance"] == pytest.approx(cal["balance"], rel=1e-3)
     assert cal["area_target"] == pytest.approx(0.9 * cal["area_start"], rel=1e-3)
+
+
+def test_the_readme_python_example_runs():
+    """The README's Python example is code that works, not prose: run it as written."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.helpers import ENV, ROOT
+
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    success, dist = re.findall(r"tensor\(([\d.]+)\)", r.stdout)
+    assert 0 <= float(success) <= 1 and 0 <= float(dist) <= 1

@@ -300,14 +300,14 @@ def test_audit_compares_every_defense_under_its_adaptive_attack(tmp_path):
     assert "Defenses compared" in html_text and "ensemble-norm" in html_text
 
 
-def test_defense_page_is_generated_from_the_records():
-    """docs/defenses.md is what benchmarks/defense_table.py makes of the records in benchmarks/results/."""
+def test_docs_pages_are_generated_from_the_records():
+    """Every generated page of docs/ is what benchmarks/docs.py makes of the records in benchmarks/results/."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "benchmarks/defense_table.py", "--check"], cwd=root, capture_output=True,
+    r = subprocess.run([sys.executable, "benchmarks/docs.py", "--check"], cwd=root, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 
