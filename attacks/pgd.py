@@ -110,7 +110,9 @@ class Attack:
     # -- the public call -----------------------------------------------------------------------------------
     def __call__(self, interp: Interpreter, x: torch.Tensor, y_target: torch.Tensor,
                  map_target: torch.Tensor | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> AttackResult:
+                 progress: Callable[[int, int, torch.Tensor], None] | None = None) -> AttackResult:
+        """Attack x towards classes ``y_target`` keeping maps near ``map_target``. ``progress(step, total, asr)``
+        is called at every judgement (asr: a 0-d tensor, the share of the batch successful so far)."""
         self._validate(interp, x, y_target, map_target)
         return self._run(interp, x.detach(), y_target, None if map_target is None else map_target.detach(), progress)
 
@@ -280,7 +282,7 @@ class Attack:
                             active[idx] = active[idx] & ~ok
                             idx = active.nonzero().squeeze(1)
                         if progress is not None:
-                            progress(step, total_steps)
+                            progress(step, total_steps, hist["success"][-1])
         hist = {k: [v if k == "step" else float(v) for v in vals] for k, vals in hist.items()}
         e, ok, _ = self.judge(interp, best_x, y_t, map_t)
         return AttackResult(best_x, e, ok, hist, self.definition())

@@ -377,10 +377,9 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
                     break
                 time.sleep(0.1)
 
-        def progress(msg: str) -> None:
-            if rank == 0:
-                click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
+        from audit.progress import Progress
 
+        progress = Progress(enabled=rank == 0)  # tqdm bars on a terminal, timestamped lines otherwise
         report = run_audit(cfg, rf.work, resume=resume, progress=progress)
         if report is None:
             return

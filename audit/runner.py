@@ -33,6 +33,7 @@ journals into one report, identical to a single-process run with the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -729,7 +730,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     if "pgd" in t.attacks:
         progress("PGD")
         first = next(iter(dep.interpreters.values()))
-        xp = _pgd(t, dep)(first, x, y_t).x_adv
+        xp = _pgd(t, dep)(first, x, y_t, progress=_steps(progress)).x_adv
         flags = _detect(dets, xp)
         for name, it in dep.interpreters.items():
             out["interpreters"][name]["pgd"] = _record(it, xp, y_t, bms[name], dets, keep, flags)
@@ -741,7 +742,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
                 if kind == "benign" and isinstance(it, Transfer):  # its judgements read the real map: queries
                     r, spent[name] = _transfer(t, dep, name, it, x, y_t, map_t)
                 else:
-                    r = _adv2(t, dep, name)(it, x, y_t, map_t)
+                    r = _adv2(t, dep, name)(it, x, y_t, map_t, progress=_steps(progress))
                 rec = _record(it, r.x_adv, y_t, map_t, dets, keep)  # L1 / IoU to the attack's target map
                 if kind == "benign":
                     adv_x[name] = r.x_adv
@@ -758,7 +759,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
             progress(f"black-box ADV²-{name} ({t.threat_model}, ≤ {t.queries} queries per image"
                      + (", from the transfer result)" if name in spent else ")"))
             r = _blackbox(t, dep, sl.start)(Counted(it), x, y_t, bms[name], start=adv_x.get(name) if name in spent
-                                            else None, spent=spent.get(name, 0))
+                                            else None, spent=spent.get(name, 0), progress=_steps(progress))
             rec = _record(it, r.x_adv, y_t, bms[name], dets, keep)
             rec["queries"], rec["trace"] = r.history["queries"], r.history["trace"]
             out["interpreters"][name]["blackbox"] = rec
@@ -767,7 +768,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
                 if d in DETECTORS and d != "ensemble":  # the ensemble's attack goes through all members, below
                     progress(f"adaptive ADV²-{name.upper()} vs {d}")
                     a = adaptive(_adv2(t, dep, name, lam_scale=ADAPTIVE_LAM), dets[d])
-                    r = a(it, x, y_t, bms[name])
+                    r = a(it, x, y_t, bms[name], progress=_steps(progress))
                     out["interpreters"][name][f"adaptive-{d}"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
                 elif name in dep.defended.get(d, {}):
                     out["interpreters"][name][f"defense-{d}"] = _map_defense(t, dep, d, name, sl, seed, keep,
@@ -779,7 +780,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
             progress(f"adaptive ADV² vs the ensemble ({ens.name})")
             a = adaptive(_adv2(t, dep, "ensemble", lam_scale=ADAPTIVE_LAM),
                          dets["ensemble"])
-            xe = a(ens, x, y_t, benign_maps(ens, x)).x_adv
+            xe = a(ens, x, y_t, benign_maps(ens, x), progress=_steps(progress)).x_adv
             flags = _detect(dets, xe)
             for name, it in dep.interpreters.items():
                 out["interpreters"][name]["adaptive-ensemble"] = _record(it, xe, y_t, bms[name], dets, keep, flags)
@@ -848,6 +849,11 @@ def _adv2(t: Target, dep: Deployment, name: str, **kw):
     compile setting."""
     name = dep.transfer.get(name, name)  # an adapter is attacked through its twin, with the twin's preset
     return make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, **dep.attack_kw, **kw)
+
+
+def _steps(progress):
+    """The attack loop's step callback carried by the runner's message function, if any (bars on a terminal)."""
+    return getattr(progress, "steps", None)
 
 
 def _transfer(t: Target, dep: Deployment, name: str, it: Transfer, x, y_t, map_t):
@@ -1251,6 +1257,32 @@ def environment(device: torch.device) -> dict:
             "threads": torch.get_num_threads(), "git": rev, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def _run_batches(cfg: AuditConfig, t: Target, dep: Deployment, dets: dict, journal: Journal, mine: list[int],
+                 index: list[list[int]], n_batches: int, resume: bool, progress: Progress) -> None:
+    """This rank's batches of one target, each journaled when done (skipped when already there on resume)."""
+    key, t0, done_here = t.key(), time.time(), 0
+    for j, i in enumerate(mine):
+        if resume and journal.load(i, index[i]) is not None:
+            progress(f"{key}: batch {i + 1}/{n_batches} already in the journal, skipped")
+            continue
+        sl = slice(index[i][0], index[i][-1] + 1)
+
+        def step(msg, i=i, j=j):
+            el = time.time() - t0
+            eta = f", eta {el / done_here * (len(mine) - j):.0f}s" if done_here else ""
+            progress(f"{key}: batch {i + 1}/{n_batches}: {msg} [{el:.0f}s{eta}]")
+        step.steps = getattr(progress, "steps", None)  # the attacks' step bars (on a terminal)
+        # the global RNG (the smoothing noise of smooth:<name>) seeded per batch: the same records in one
+        # process, under torchrun and after --resume; forked, so nothing outside the batch sees it
+        with torch.random.fork_rng(devices=[dep.x.device] if dep.x.device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + sl.start)
+            rec = _attack_batch(t, dep, dets, sl, cfg.seed, cfg.examples, step)
+        journal.save(i, rec)
+        done_here += 1
+        if hasattr(progress, "advance"):
+            progress.advance()
+
+
 def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: Progress | None = None) -> dict | None:
     """Run the audit; returns the report dict on rank 0 (None on other ranks). Writes nothing but journals.
 
@@ -1292,25 +1324,10 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
             for i in range(n_batches):
                 journal.load(i, index[i])
         dets = build_detectors(t, dep, cfg.fpr, progress)
-        t0, done_here = time.time(), 0
         mine = [i for i in range(n_batches) if i % world == rank]
-        for j, i in enumerate(mine):
-            if resume and journal.load(i, index[i]) is not None:
-                progress(f"{key}: batch {i + 1}/{n_batches} already in the journal, skipped")
-                continue
-            sl = slice(i * bs, min(n, (i + 1) * bs))
-
-            def step(msg, i=i, j=j):
-                el = time.time() - t0
-                eta = f", eta {el / done_here * (len(mine) - j):.0f}s" if done_here else ""
-                progress(f"{key}: batch {i + 1}/{n_batches}: {msg} [{el:.0f}s{eta}]")
-            # the global RNG (the smoothing noise of smooth:<name>) seeded per batch: the same records in one
-            # process, under torchrun and after --resume; forked, so nothing outside the batch sees it
-            with torch.random.fork_rng(devices=[dep.x.device] if dep.x.device.type == "cuda" else []):
-                torch.manual_seed(cfg.seed + sl.start)
-                rec = _attack_batch(t, dep, dets, sl, cfg.seed, cfg.examples, step)
-            journal.save(i, rec)
-            done_here += 1
+        bar = progress.target(key, len(mine)) if hasattr(progress, "target") else contextlib.nullcontext()
+        with bar:
+            _run_batches(cfg, t, dep, dets, journal, mine, index, n_batches, resume, progress)
         if world > 1:
             torch.distributed.barrier()
         if rank != 0:
