@@ -48,7 +48,7 @@ def overlay_grid(
             m = F.interpolate(maps[name][i:i + 1].detach().cpu().float(), size=images.shape[-2:],
                               mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
             axes[i, j].imshow(base, cmap="gray" if gray else None, vmin=0, vmax=1)
-            axes[i, j].imshow(m, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            axes[i, j].imshow(m, cmap=CMAP, alpha=0.5, vmin=0, vmax=1)
             if i == 0:
                 axes[i, j].set_title(name.upper(), fontsize=9)
     for ax in axes.flat:
@@ -68,11 +68,13 @@ def overlay_grid(
 # ------------------------------------------------------------------------------------------------------------
 import base64  # noqa: E402
 import html  # noqa: E402
+import textwrap  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+CMAP = "inferno"  # perceptually uniform: brightness grows with saliency, readable in grey and by colour-blind eyes
 SCHEMA_VERSION = 2  # 2: exact rate intervals, τ over several draws per input, status, journal fingerprints
 ATTACK_LABELS = {"pgd": "PGD", "adv2": "ADV²", "blackbox": "ADV² by queries", "adaptive-squeeze": "ADV²* vs squeezing",
                  "adaptive-ensemble": "ADV²* vs ensemble", "stadv2": "stAdv-ADV²",
@@ -87,12 +89,12 @@ class ReportError(ValueError):
 
 
 def png_b64(t: torch.Tensor, cmap: bool = False) -> str:
-    """(C, H, W) in [0, 1] → base64 PNG; ``cmap`` renders a 1-channel map with the jet colour map."""
+    """(C, H, W) in [0, 1] → base64 PNG; ``cmap`` renders a 1-channel map with the perceptually uniform CMAP."""
     from PIL import Image
 
     a = t.detach().float().cpu().clamp(0, 1)
     if cmap:
-        rgb = plt.get_cmap("jet")(a[0].numpy())[..., :3]
+        rgb = plt.get_cmap(CMAP)(a[0].numpy())[..., :3]
         arr = (rgb * 255).round().astype(np.uint8)
     elif a.shape[0] == 1:
         arr = (a[0].numpy() * 255).round().astype(np.uint8)
@@ -232,6 +234,7 @@ def summary_text(report: dict) -> str:
             lines.append(f"  ! {w}")
         for r in tg["status"]["reasons"]:
             lines.append(f"  INCONCLUSIVE: {r}")
+        lines.append("  " + textwrap.fill(plain_words(key, tg), 108, subsequent_indent="  "))
         w = max(12, *(len(n) + 2 for n in tg["summary"]["interpreters"]))
         lines.append(f"  {'interpreter':<{w}}{'attack':<24}{'ASR [95% CI]':>16}{'L1':>8}{'IoU':>7}  detected (decision)")
         for r in summary_rows({"targets": {key: tg}}):
@@ -276,7 +279,9 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;
 h1{margin-bottom:0}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 7px;
 text-align:right;font-size:13px}th{background:#f3f3f3}td.l{text-align:left}.bad{color:#b00;font-weight:bold}
 .good{color:#070}.warnc{color:#b60;font-weight:bold}.warn{background:#fff3cd;padding:.5em;border:1px solid #e0c060}img.px{image-rendering:pixelated}
-.grid td{text-align:center;font-size:11px}small{color:#666}"""
+.grid td{text-align:center;font-size:11px}small{color:#666}.ov{position:relative;display:inline-block}
+.ov img.m{position:absolute;left:0;top:0;opacity:.6}.plain{font-size:1.1em;background:#f4f7fb;padding:.7em;
+border-left:4px solid #4a78b5}"""
 
 
 def _bars(tg: dict) -> str:
@@ -335,6 +340,13 @@ def _img_tag(b64: str, size: int = 96) -> str:
     return f'<img class="px" width="{size}" height="{size}" src="data:image/png;base64,{b64}">'
 
 
+def _overlay(image: str, saliency: str, size: int = 96) -> str:
+    """The map laid over the image it explains (half transparent), and the bare map beside it."""
+    return (f'<span class="ov" style="width:{size}px;height:{size}px">{_img_tag(image, size)}'
+            f'<img class="px m" width="{size}" height="{size}" src="data:image/png;base64,{saliency}"></span> '
+            f'{_img_tag(saliency, size // 2)}')
+
+
 def _examples_html(tg: dict) -> str:
     ex = tg["examples"]
     recs = tg["records"]["interpreters"]
@@ -344,17 +356,66 @@ def _examples_html(tg: dict) -> str:
         cells = [f"<td>{_img_tag(im)}<br>{html.escape(cats[ex['classes'][i]])} → "
                  f"{html.escape(cats[ex['targets'][i]])}</td>"]
         for name, r in recs.items():
-            parts = [f"{_img_tag(ex['maps'][name][i], 72)}<br>benign"]
-            for atk in ("pgd", "adv2"):
+            parts = [f"{_overlay(im, ex['maps'][name][i])}<br>benign"]
+            for atk in EXAMPLE_ATTACKS:
                 if atk in r and i < len(r[atk]["maps"]):
                     ok = r[atk]["success"][i]
-                    parts.append(f"{_img_tag(r[atk]['maps'][i], 72)}<br>{ATTACK_LABELS[atk]} "
+                    parts.append(f"{_overlay(r[atk]['images'][i], r[atk]['maps'][i])}<br>{ATTACK_LABELS[atk]} "
                                  f"{'✓' if ok else '✗'} L1 {r[atk]['l1'][i]:.2f}")
             cells.append("<td>" + "</td><td>".join(parts) + "</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     head = "<tr><th>input: class → target</th>" + "".join(
-        f"<th colspan='{1 + sum(a in r for a in ('pgd', 'adv2'))}'>{n.upper()}</th>" for n, r in recs.items()) + "</tr>"
-    return f"<table class='grid'>{head}{''.join(rows)}</table>"
+        f"<th colspan='{1 + sum(a in r for a in EXAMPLE_ATTACKS)}'>{html.escape(n.upper())}</th>"
+        for n, r in recs.items()) + "</tr>"
+    return (f"<p><small>Each map is laid over the image it explains (and shown alone beside it); colour map "
+            f"{CMAP}: brighter = more salient. ✓: the attack reached the attacker's class; L1 to the benign map."
+            f"</small></p><table class='grid'>{head}{''.join(rows)}</table>")
+
+
+EXAMPLE_ATTACKS = ("pgd", "adv2", "blackbox")
+
+
+def plain_words(key: str, tg: dict) -> str:
+    """One paragraph for a reader who does not know the metrics: how spoofable, which interpreter is weakest,
+    which defense helps most, how sure the numbers are at this n — or why the run could not say."""
+    n, eps, ints = tg["n"], tg["eps_255"], tg["summary"]["interpreters"]
+    if tg["status"]["reasons"]:
+        return (f"This run could not measure {key}: {tg['status']['reasons'][0]} Its numbers show no safety; fix "
+                f"the cause and audit again.")
+    sp = {name: a["spoofability"] for name, a in ints.items() if a.get("spoofability", {}).get("mean") is not None}
+    if not sp:
+        return f"No ADV² attack ran on {key}, so this run says nothing about how far its maps can be spoofed."
+    worst = max(sp, key=lambda k: sp[k]["mean"])
+    s = sp[worst]
+    lo, hi = s["ci95"]
+    out = [f"On {n} audited inputs, an attacker allowed to change each pixel by at most {eps:g}/255 made the model "
+           f"predict a class of their choosing while the {worst} map stayed within its benign noise on {s['k']} of "
+           f"{s['n']} inputs ({s['mean']:.0%}; 95% interval {lo:.0%}–{hi:.0%})."]
+    if len(sp) > 1:
+        best = min(sp, key=lambda k: sp[k]["mean"])
+        out.append(f"{worst} is the weakest of the {len(sp)} interpreters audited; {best} held best "
+                   f"({sp[best]['mean']:.0%}).")
+    lower = [name for name, a in ints.items() if a.get("lower_bound")]
+    if lower:
+        out.append(f"For {', '.join(lower)} these are lower bounds: the attack could not follow the map's gradient, "
+                   f"so a stronger attacker may do better.")
+    c = ints[worst].get("comparison")
+    if c and not any(r["applies"] for r in c["rows"][1:]):
+        c = None
+    if c:
+        v = c["verdict"]
+        out.append(f"Of the defenses tried on {worst}, each under an attack that knows it: {v['text']}.")
+    elif tg["target"]["defenses"]:
+        out.append("No defense was scored under its own adaptive attack in this run (add 'adaptive' to the attacks).")
+    out.append("The interval is wide at this n: audit more inputs (--n) before deciding." if hi - lo > 0.3 else
+               "The interval is narrow enough to act on.")
+    if c and c["verdict"]["helps"]:
+        out.append(f"Of the defenses measured, {c['verdict']['best']} is the one to deploy for {worst}; it lowers the "
+                   f"risk but does not remove it.")
+    elif s["mean"] >= 0.05:
+        out.append(f"Until a defense helps, do not treat the {worst} map as evidence that a prediction is sound "
+                   f"when inputs may be adversarial.")
+    return " ".join(out)
 
 
 def _table(tg: dict) -> str:
@@ -427,6 +488,7 @@ def render_html(report: dict) -> str:
                      f"{', '.join(t['interpreters'])}, {tg['n']} inputs, ε = {tg['eps_255']:g}/255, schedule "
                      f"{t['schedule']}{' ÷' + str(t['shorten']) if t['schedule'] == 'short' else ''}, defenses: "
                      f"{', '.join(t['defenses']) or 'none'}</p>")
+        parts.append(f"<p class='plain'>{html.escape(plain_words(key, tg))}</p>")
         for w in tg["warnings"]:
             parts.append(f"<p class='warn'>{html.escape(w)}</p>")
         for r in tg["status"]["reasons"]:

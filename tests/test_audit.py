@@ -311,3 +311,29 @@ def test_a_plain_folder_of_images_is_audited_with_the_models_predictions(tmp_pat
     assert len(dep.x) == 4 and torch.equal(dep.y, fmnist_resnet(dep.x).argmax(1))
     assert dep.x_cal.shape == (16, 1, 28, 28) and dep.x_heldout.shape == (16, 1, 28, 28)
     assert torch.allclose(dep.x[0], xs[0], atol=1 / 255)
+
+
+def test_the_html_report_renders_in_headless_chromium(full_run, tmp_path):
+    """What a reviewer opens: Chromium renders it without console errors; the screenshot is a real page (not
+    blank); the maps are laid over their images and the plain-language paragraph is there."""
+    import re
+    import shutil
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
+    run, _ = full_run
+    page = (run / "report.html").read_text()
+    assert page.count("class=\"ov\"") >= 3 and "class='plain'" in page
+    assert re.search(r"<p class='plain'>On 4 audited inputs, an attacker allowed to change each pixel", page)
+    shot = tmp_path / "report.png"
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'p'}",
+                        "--enable-logging=stderr", "--v=0", "--window-size=1200,2000", f"--screenshot={shot}",
+                        (run / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    console = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not console, console
+    im = Image.open(shot).convert("RGB")
+    assert im.size == (1200, 2000)
+    colours = len(im.resize((300, 500)).getcolors(1 << 20))
+    assert colours > 200, colours  # text, tables and maps, not an empty page
