@@ -11,6 +11,15 @@ A step's cost is measured through the real loop: (T(k2 steps) − T(k1 steps)) /
 (CAM-ADV² images·steps per second) and peak memory (CUDA: max allocated; CPU: growth of the process's max RSS).
 With ``--compile`` every attack also gets a row with ``Attack(compile=True)`` (timed after a warm-up call that
 pays the compilation; the floor stays the eager forward + backward, so a ratio below 1 is a speed-up).
+
+Any interpreter name of the registry is an attack row (``gradcam``, ``gradcampp``, ``inputxgrad``, ``ig``,
+``smoothgrad``, ``smooth:cam``, ``beta:grad``, ...); maps that average several passes (IG's path steps,
+SmoothGrad's and smoothing's noise samples) also get the ratio per pass, whose target is GRAD's (≤ 4).
+``--detectors`` adds each detector's scoring cost per input (as a ratio to the floor per input; target ≤ 0.1
+for those that run no interpreter), ``--blackbox`` the query rate of black-box ADV² (queries per second,
+attacks/blackbox.py) against each named interpreter, and ``--peers`` the same batch through the reference
+libraries where installed (torchattacks' PGD step; captum's Saliency and IntegratedGradients and
+pytorch-grad-cam's GradCAM maps beside ours), so the docs show underfire beside them rather than alone.
 """
 
 from __future__ import annotations
@@ -28,12 +37,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.adv2 import PGD, Adv2, MaskAdv2  # noqa: E402
+from attacks.adv2 import PGD, MaskAdv2, make_adv2  # noqa: E402
 from guard.interpreters import build_interpreter  # noqa: E402
 from guard.models import load_model  # noqa: E402
 from training.data import fashion_mnist, photos  # noqa: E402
 
-TARGETS = {"pgd": None, "cam": 1.3, "rts": 2.5, "grad": 4.0, "mask": 12.0, "mask-unroll": 12.0}
+TARGETS = {"pgd": None, "cam": 1.3, "rts": 2.5, "grad": 4.0, "mask": 12.0, "mask-unroll": 12.0, "gradcam": 4.0,
+           "gradcampp": 4.0, "inputxgrad": 4.0, "beta:grad": 4.0}
+PASSES = {"ig": 16, "smoothgrad": 16}  # passes per map (path steps / noise samples); smooth:<name>: 8
+PER_PASS_TARGET = 4.0
 
 
 def sync(dev):
@@ -67,7 +79,7 @@ def attack_for(name, eps, k, precision="fp32", compile=False):
     if name.startswith("mask"):  # "mask": the default contrast lookahead; "mask-unroll": the paper's
         return MaskAdv2(eps, steps=(0, k), resolve_every=10 ** 6, **kw,
                         lookahead="unroll" if name == "mask-unroll" else "contrast")
-    return Adv2(name, eps, steps=(0, k), check_every=10 ** 6, **kw)
+    return make_adv2(name, eps, steps=(0, k), check_every=10 ** 6, **kw)
 
 
 def step_cost(name, interp, x, y_t, target, eps, dev, k1, k2, precision="fp32", compile=False):
@@ -75,6 +87,86 @@ def step_cost(name, interp, x, y_t, target, eps, dev, k1, k2, precision="fp32", 
         atk = attack_for(name, eps, k, precision, compile)
         return timed(lambda: atk(interp, x, y_t, None if name == "pgd" else target), dev, 3 if compile else 2)
     return (run(k2) - run(k1)) / (k2 - k1)
+
+
+def detector_rows(model, x, x_cal, base, dev, names) -> dict:
+    """Scoring cost per input of each detector, calibrated on ``x_cal`` (as a ratio to the floor per input)."""
+    from guard.ensemble import NormalisedDisagreementDetector
+    from guard.squeeze import SqueezeDetector
+    from guard.stability import StabilityDetector
+
+    members = [build_interpreter(n, model) for n in ("grad", "cam")]
+    make = {"squeeze": lambda: SqueezeDetector(model), "squeeze-torch": lambda: SqueezeDetector(
+                model, ("bits-2", "bits-3", "median-2", "median-3")),
+            "ensemble-norm": lambda: NormalisedDisagreementDetector(members),
+            "stability": lambda: StabilityDetector(members)}
+    rows = {}
+    for d in names:
+        det = make[d]()
+        det.calibrate(x_cal, 0.05)
+        t = timed(lambda: det.scores(x), dev, 3)
+        # squeezing runs the classifier once per squeezer, the others run interpreters: forwards the target
+        # (scoring arithmetic ≤ 0.1 floor per input) cannot include
+        runs = {"ensemble-norm": "runs interpreters", "stability": "runs interpreters"}.get(
+            d, f"runs the classifier on {len(det.thresholds) - 1 if 'joint' in det.thresholds else len(det.thresholds)} "
+               f"squeezed copies")
+        rows[d] = {"per_input_s": t / len(x), "ratio": t / base, "target": None, "note": runs}
+        print(f"[detector {d}] {json.dumps(rows[d])}", file=sys.stderr, flush=True)
+    return rows
+
+
+def blackbox_rows(model, x, y_t, eps, base, dev, names) -> dict:
+    """Black-box ADV²'s query rate: one refinement step estimates with 2 · samples queries per image."""
+    from attacks.blackbox import Counted, QueryAdv2
+
+    rows = {}
+    for n in names:
+        oracle = Counted(build_interpreter(n, model))
+        with torch.no_grad():
+            target = oracle(x).saliency
+
+        def run(budget):
+            atk = QueryAdv2(eps, budget, samples=10, check_every=10 ** 6)
+            return atk(oracle, x, y_t, target, start=x.clone())
+        per_step = 2 * 10
+        t1 = timed(lambda: run(2 + 2 * per_step), dev, 2)
+        t2 = timed(lambda: run(2 + 6 * per_step), dev, 2)
+        step = (t2 - t1) / 4
+        rows[n] = {"queries_per_step": per_step, "step_s": step, "queries_per_s": per_step * len(x) / step,
+                   "ratio": step / base}
+        print(f"[blackbox {n}] {json.dumps(rows[n])}", file=sys.stderr, flush=True)
+    return rows
+
+
+def peer_rows(model, x, y_t, eps, base, dev, k1, k2) -> dict:
+    """The same batch through torchattacks, captum and pytorch-grad-cam (where installed) beside underfire."""
+    import importlib.util
+
+    rows = {}
+    if importlib.util.find_spec("torchattacks"):
+        import torchattacks
+
+        def theirs(k):
+            atk = torchattacks.PGD(model, eps=eps, alpha=1 / 255, steps=k, random_start=False)
+            atk.set_mode_targeted_by_label(quiet=True)
+            return timed(lambda: atk(x, y_t), dev, 2)
+        ours = step_cost("pgd", build_interpreter("cam", model), x, y_t, None, eps, dev, k1, k2)
+        rows["PGD step"] = {"ours": ours / base, "theirs": (theirs(k2) - theirs(k1)) / (k2 - k1) / base,
+                            "library": "torchattacks"}
+    maps = []
+    if importlib.util.find_spec("captum"):
+        maps += [("GRAD map", "grad", "captum:Saliency"), ("IG map (16 steps)", "ig", "captum:IntegratedGradients")]
+    if importlib.util.find_spec("pytorch_grad_cam"):
+        maps += [("Grad-CAM map", "gradcam", "gradcam:GradCAM")]
+    for label, ours_name, peer in maps:
+        ours_i = build_interpreter(ours_name, model)
+        kw = {"n_steps": 16} if peer.endswith("IntegratedGradients") else {}
+        peer_i = build_interpreter(peer, model, **kw)
+        t_ours = timed(lambda: ours_i(x.clone().requires_grad_(True)), dev, 3)  # with the graph an attack needs
+        t_peer = timed(lambda: peer_i(x), dev, 3)
+        rows[label] = {"ours": t_ours / base, "theirs": t_peer / base, "library": peer.split(":")[0]}
+        print(f"[peer {label}] {json.dumps(rows[label])}", file=sys.stderr, flush=True)
+    return rows
 
 
 def main() -> None:
@@ -89,13 +181,17 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", help="comma list of fp32,bf16,fp16: one row per attack and precision")
     ap.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last memory format")
     ap.add_argument("--compile", action="store_true", help="also a torch.compile row per attack (not GRAD, mask-unroll)")
+    ap.add_argument("--weights", default=None, help="for torchvision:<arch>: weights (\"random\" costs the same as trained)")
+    ap.add_argument("--detectors", default="", help="comma list of detectors to time: squeeze,ensemble-norm,stability")
+    ap.add_argument("--blackbox", default="", help="comma list of interpreters to time black-box ADV² queries against")
+    ap.add_argument("--peers", action="store_true", help="also time torchattacks / captum / pytorch-grad-cam where installed")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = load_model(a.model).to(dev).eval()
+    model = load_model(a.model, a.weights).to(dev).eval()
     if a.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if model.input_size[1] == 28:
@@ -122,7 +218,7 @@ def main() -> None:
     for name, prec, comp in ((n, p, c) for n in a.interpreters.split(",") for p in precisions for c in compiles):
         if comp and name in ("grad", "mask-unroll"):
             continue  # a double backward: compiled graphs do not support it
-        interp = build_interpreter("cam" if name == "pgd" else name.split("-")[0], model)
+        interp = build_interpreter("cam" if name == "pgd" else name.removesuffix("-unroll"), model)
         if name.startswith("mask"):  # a short initial solve: set-up cost only, but its noise would swamp k2 − k1 steps
             interp.cfg.steps = 10
         with torch.no_grad():
@@ -133,9 +229,16 @@ def main() -> None:
         mem = (torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda"
                else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
         row = (name if len(precisions) == 1 else f"{name}@{prec}") + ("+compile" if comp else "")
+        passes = PASSES.get(name, 8 if name.startswith("smooth:") else None)
         out["rows"][row] = {"step_s": c, "ratio": c / base, "target": TARGETS.get(name), "peak_mem_mib": mem,
                             "precision": prec, "compile": comp}
+        if passes:
+            out["rows"][row].update(passes=passes, ratio_per_pass=c / base / passes, target_per_pass=PER_PASS_TARGET)
         print(f"[{row}] {json.dumps(out['rows'][row])}", file=sys.stderr, flush=True)
+    pool_cal = pool[a.batch: a.batch + 32] if len(pool) >= a.batch + 8 else pool
+    out["detectors"] = detector_rows(model, x, pool_cal, base, dev, [d for d in a.detectors.split(",") if d])
+    out["blackbox"] = blackbox_rows(model, x, y_t, eps, base, dev, [n for n in a.blackbox.split(",") if n])
+    out["peers"] = peer_rows(model, x, y_t, eps, base, dev, k1, k2) if a.peers else {}
     thr = {}
     cam = build_interpreter("cam", model)
     for b in (int(v) for v in a.batches.split(",")):
@@ -151,10 +254,26 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for row, r in out["rows"].items():
         name = row.split("@")[0].split("+")[0]
-        label = "PGD" if name == "pgd" else f"{name.split('-')[0].upper()}-ADV²" + (" (unrolled)" if "-" in name else "")
+        label = "PGD" if name == "pgd" else (f"{name.removesuffix('-unroll').upper()}-ADV²"
+                                             + (" (unrolled)" if name.endswith("-unroll") else ""))
         label += ("" if len(precisions) == 1 else f", {r['precision']}") + (", compiled" if r["compile"] else "")
         tgt = f"≤ {r['target']}" if r["target"] else "–"
+        if "passes" in r:
+            label += f" ({r['passes']} passes: {r['ratio_per_pass']:.2f} per pass)"
+            tgt = f"≤ {r['target_per_pass']} per pass"
         print(f"| {label} | {r['step_s'] * 1e3:.1f} | {r['ratio']:.2f} | {tgt} | {r['peak_mem_mib']:.0f} |")
+    if out["detectors"]:
+        print("\n| detector | scoring per input (ms) | ratio to the floor per input | target |\n|---|---|---|---|")
+        for d, r in out["detectors"].items():
+            print(f"| {d} | {r['per_input_s'] * 1e3:.2f} | {r['ratio']:.3f} | {r['target'] or '– (' + r['note'] + ')'} |")
+    if out["blackbox"]:
+        print("\n| black-box ADV² against | queries per step per image | step (ms) | queries / s |\n|---|---|---|---|")
+        for n, r in out["blackbox"].items():
+            print(f"| {n} | {r['queries_per_step']} | {r['step_s'] * 1e3:.1f} | {r['queries_per_s']:.0f} |")
+    if out["peers"]:
+        print("\n| same batch | underfire (ratio to floor) | reference library (ratio to floor) |\n|---|---|---|")
+        for n, r in out["peers"].items():
+            print(f"| {n} | {r['ours']:.2f} | {r['theirs']:.2f} ({r['library']}) |")
     print("\n| batch | CAM-ADV² images·steps/s |\n|---|---|")
     for b, v in thr.items():
         print(f"| {b} | {v:.0f} |")
