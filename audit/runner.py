@@ -513,7 +513,7 @@ def _preflight(t: Target, model, interps: dict, x: torch.Tensor, y: torch.Tensor
     return warnings
 
 
-def _exclude_opaque(t: Target, opaque: set, transfer: dict, warnings: list[str]) -> None:
+def _exclude_opaque(t: Target, opaque: set, warnings: list[str]) -> None:
     """Interpreters without a gradient (and no native twin) leave every gradient attack: ADV² becomes black-box
     ADV², and defaults that would optimise through them (the members of the ensemble and stability detectors,
     the adaptive attacks) leave them out, with a note. Named explicitly there, the audit is refused: an
@@ -590,7 +590,7 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
         x = x.contiguous(memory_format=torch.channels_last)
     y_t = target_classes(y.cpu(), model.num_classes, torch.Generator().manual_seed(seed)).to(device)
     warnings += _preflight(t, model, interps, x, y, opaque)
-    _exclude_opaque(t, opaque, transfer, warnings)
+    _exclude_opaque(t, opaque, warnings)
     if len(x) < t.n:
         warnings.append(f"only {len(x)} correctly classified inputs available (asked for {t.n})")
     eps = (t.eps if t.eps is not None else (24 if model.input_size[1] == 28 else 8)) / 255
