@@ -245,7 +245,8 @@ def summary_text(report: dict) -> str:
                          f"{asr:>16}{_fmt(r['l1']):>8}{_fmt(r['iou']):>7}  {dets}")
         for name, a in tg["summary"]["interpreters"].items():
             extra = "" if "comparison" in a else "".join(f", under {k.split('_', 1)[1]} {_rate(v)}"
-                                                         for k, v in a.items() if k.startswith("spoofability_"))
+                                                         for k, v in a.items() if k.startswith("spoofability_")
+                                                         and k != "spoofability_by")
             if "spoofability" in a:
                 te = a["tau_estimate"]
                 ref = f", PGD within τ {_rate(a['pgd_within_tau'])}" if "pgd_within_tau" in a else ""

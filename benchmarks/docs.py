@@ -151,7 +151,9 @@ def render_blackbox(report: dict, source: str) -> str:
                 out.append(f"\n**Bar** (query ADV² L1 ratio ≤ 0.6 within 5,000 queries): "
                            + (f"met, {ratio:.2f}" if ratio <= 0.6 and t.get("queries", 0) <= 5000
                               else f"not met: {ratio:.2f}" + (f" (budget {t.get('queries')})" if ratio <= 0.6 else
-                                                              f", {ratio - 0.6:.2f} above")) + ".\n")
+                                                              f", {ratio - 0.6:.2f} above"))
+                           + (f" — measured with {t.get('queries')} of the 5,000 queries per image the bar allows"
+                              if t.get("queries", 0) < 5000 else "") + ".\n")
             else:
                 out.append("")
     return "\n".join(out)
