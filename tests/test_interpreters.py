@@ -292,3 +292,76 @@ def test_rts_checkpoint_must_match_model(tmp_path, fmnist_densenet):
         RTS.for_model(fmnist_densenet, bad)
     with pytest.raises(InterpreterError, match="no trained RTS"):
         RTS.for_model(load_model("torchvision:resnet18"))
+
+
+# --- the attack's view: fused surrogate backward, frozen convolutions, batch norm folded ----------------------
+
+@pytest.mark.parametrize("kind", ["smooth", "literal", "softplus"])
+@pytest.mark.parametrize("hi", [None, 6.0])
+def test_fused_surrogate_backward_equals_its_autograd_composition(kind, hi):
+    """_SurrogateGrad computes g · (h(z − lo) − h(z − hi)) and its derivatives by hand; autograd through
+    surrogate_step is the reference, for value and for both first derivatives (the attack's second order)."""
+    from guard.interpreters.grad import _SurrogateGrad, surrogate_step
+
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.rand(4, 3, 5, 5, generator=gen, dtype=torch.float64) * 8 - 1).requires_grad_(True)  # around 0 and 6
+    g = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    ref = g * (surrogate_step(z, kind, 1e-2, 3.0) - (surrogate_step(z - hi, kind, 1e-2, 3.0) if hi else 0))
+    out = _SurrogateGrad.apply(g, z, 0.0, hi, kind, 1e-2, 3.0)
+    torch.testing.assert_close(out, ref)
+    ref_grads = torch.autograd.grad((w * ref).sum(), (g, z))
+    grads = torch.autograd.grad((w * out).sum(), (g, z))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def _map_and_attack_gradient(model, x, target):
+    xg = x.clone().requires_grad_(True)
+    e = GradSaliency(model)(xg)
+    (g,) = torch.autograd.grad((e.saliency - target).abs().sum() + e.logits[:, 0].sum(), xg)
+    return e.saliency.detach(), g
+
+
+def test_attack_view_gives_the_reference_map_and_gradient_on_real_mobilenet(mobilenet, photo_batch, monkeypatch):
+    """The attack's fast path (batch norm folded, frozen convolutions, fused surrogate) against the plain
+    autograd path on the live model: the same map and the same gradient of an ADV²-style loss."""
+    import guard.interpreters.grad as grad_mod
+
+    x = photo_batch[0][:2]
+    target = torch.rand(2, 1, 56, 56, generator=torch.Generator().manual_seed(3))
+    fast_map, fast_grad = _map_and_attack_gradient(mobilenet, x, target)
+    assert fast_grad.abs().sum() > 0
+    monkeypatch.setattr(grad_mod, "frozen_view", lambda m: m)
+    monkeypatch.setattr(grad_mod, "_frozen_conv", lambda args, kwargs: None)
+    monkeypatch.setattr(grad_mod._SurrogateGrad, "apply", lambda g, z, lo, hi, kind, tau, beta: g * (
+        grad_mod.surrogate_step(z - lo, kind, tau, beta) - (grad_mod.surrogate_step(z - hi, kind, tau, beta)
+                                                           if hi is not None else 0)))
+    ref_map, ref_grad = _map_and_attack_gradient(mobilenet, x, target)
+    torch.testing.assert_close(fast_map, ref_map, rtol=0, atol=1e-4)
+    cos = F.cosine_similarity(fast_grad.flatten(), ref_grad.flatten(), dim=0)
+    assert float(cos) > 0.999
+    torch.testing.assert_close(fast_grad, ref_grad, rtol=0, atol=1e-3 * float(ref_grad.abs().max()))
+
+
+def test_frozen_view_follows_the_live_model(fmnist_resnet):
+    import copy
+
+    from guard.models import frozen_view
+
+    model = copy.deepcopy(fmnist_resnet)
+    flags = [p.requires_grad for p in model.parameters()]
+    view = frozen_view(model)
+    assert view is not model and frozen_view(model) is view  # cached
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in view.modules())  # folded
+    assert not any(p.requires_grad for p in view.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags  # the live model untouched
+    x = _x(4, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), model(x), rtol=0, atol=1e-4)
+        next(model.parameters()).mul_(0.5)  # the live model changes in place: a stale view would differ
+        new = frozen_view(model)
+        assert new is not view
+        torch.testing.assert_close(new(x), model(x), rtol=0, atol=1e-4)
+    model.train()
+    assert frozen_view(model) is model  # batch statistics: no copy is the same function

@@ -12,6 +12,13 @@ function whose forward value is unchanged but whose backward uses a smooth step 
 
 The swap works by a TorchFunctionMode, so functional calls (DenseNet's F.relu) are covered too, and the
 model is never modified. Predictions are unchanged; the map becomes that of the smoothed backward.
+
+An attack's map (second order) is computed on the classifier's frozen view (guard.models.frozen_view: batch
+norm folded, parameters frozen) with two hand-written backward functions: the surrogate's derivative and its
+own derivative in one pass (_SurrogateGrad), and convolutions whose backward is a transposed convolution
+(_FrozenConv), so the double backward skips torch's per-group weight-gradient loop. Same map and gradient as
+the plain autograd path (tests/test_interpreters.py); on MobileNetV2 a GRAD-ADV² step costs about 4 floors
+instead of 10 (benchmarks/step_cost.py, docs/step-cost.md).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from guard.models import frozen_view
 from guard.interpreters.base import Explanation, Interpreter, minmax, pick_target, register
 
 SURROGATES = ("literal", "smooth", "softplus")
@@ -39,8 +47,51 @@ def surrogate_step(z: torch.Tensor, kind: str, tau: float = 1e-4, beta: float = 
     raise ValueError(f"unknown ReLU surrogate {kind!r}; choose from {SURROGATES}")
 
 
+def _step_and_slope(t: torch.Tensor, kind: str, tau: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h(t), h'(t)) in a few in-place passes: the activations of an ImageNet net are large, and every
+    elementwise pass over them costs about as much as a small convolution."""
+    if kind == "softplus":
+        h = torch.sigmoid(t * beta)
+        return h, (1 - h).mul_(h).mul_(beta)
+    r = (t * t).add_(tau).rsqrt_()  # 1/√(t²+τ)
+    h = t * r
+    if kind == "smooth":
+        h.add_(1).mul_(0.5)
+        scale = 0.5 * tau
+    else:  # literal
+        h.add_((t < 0).to(t.dtype))
+        scale = tau
+    return h, r.pow_(3).mul_(scale)  # d/dt t/√(t²+τ) = τ/(t²+τ)^{3/2}
+
+
+class _SurrogateGrad(torch.autograd.Function):
+    """g · d(z) with d(z) = h(z − lo) − h(z − hi): the backward of a surrogate ReLU / clamp, as one function.
+
+    Written through autograd, d(z) costs some twenty recorded elementwise ops whose own backward (the
+    attack's second derivative) doubles them; here the value and its derivative come from one shared pass
+    and the double backward is two multiplications. Not differentiable a third time."""
+
+    @staticmethod
+    def forward(ctx, g, z, lo, hi, kind, tau, beta):  # type: ignore[override]
+        d, slope = _step_and_slope(z - lo, kind, tau, beta)
+        if hi is not None:
+            d_hi, slope_hi = _step_and_slope(z - hi, kind, tau, beta)
+            d.sub_(d_hi)
+            slope.sub_(slope_hi)
+        ctx.save_for_backward(g, d, slope)
+        return g * d
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, out):  # type: ignore[override]
+        g, d, slope = ctx.saved_tensors
+        dg = out * d if ctx.needs_input_grad[0] else None
+        dz = (slope * out).mul_(g) if ctx.needs_input_grad[1] else None
+        return dg, dz, None, None, None, None, None
+
+
 class _ClampSurrogate(torch.autograd.Function):
-    """clamp(z, lo, hi) forward; backward g · (h(z − lo) − h(z − hi)), itself differentiable."""
+    """clamp(z, lo, hi) forward; backward g · (h(z − lo) − h(z − hi)), itself differentiable once more."""
 
     @staticmethod
     def forward(ctx, z, lo, hi, kind, tau, beta):  # type: ignore[override]
@@ -52,10 +103,49 @@ class _ClampSurrogate(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         (z,) = ctx.saved_tensors
         lo, hi, kind, tau, beta = ctx.cfg
+        if torch.is_grad_enabled():  # the attack's view: a first backward that will be differentiated
+            return _SurrogateGrad.apply(g, z, lo, hi, kind, tau, beta), None, None, None, None, None
         d = surrogate_step(z - lo, kind, tau, beta)
         if hi is not None:
             d = d - surrogate_step(z - hi, kind, tau, beta)
         return g * d, None, None, None, None, None
+
+
+class _FrozenConv(torch.autograd.Function):
+    """conv2d with a frozen weight, whose backward is a transposed convolution that autograd differentiates
+    again as a plain convolution. torch's own double backward of a convolution also forms the weight
+    gradient's term, one convolution per group for a depthwise layer, whether or not anyone asked for it."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, dilation, groups):  # type: ignore[override]
+        ctx.save_for_backward(w)
+        ctx.cfg = (x.shape[-2:], stride, padding, dilation, groups)
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        (w,) = ctx.saved_tensors
+        size, stride, padding, dilation, groups = ctx.cfg
+        extra = tuple(n - ((o - 1) * s - 2 * p + d * (k - 1) + 1)  # output_padding that restores x's size
+                      for n, o, s, p, d, k in zip(size, g.shape[-2:], stride, padding, dilation, w.shape[-2:]))
+        return F.conv_transpose2d(g, w, None, stride, padding, extra, groups, dilation), None, None, None, None, None, None
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _frozen_conv(args, kwargs):
+    """_FrozenConv for a conv2d call whose weight and bias need no gradient, else None (the native call)."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    a = dict(zip(names, args), **kwargs)
+    x, w, b = a["input"], a["weight"], a.get("bias")
+    padding = a.get("padding", 0)
+    if (not x.requires_grad or w.requires_grad or (b is not None and b.requires_grad) or isinstance(padding, str)
+            or x.dim() != 4):
+        return None
+    return _FrozenConv.apply(x, w, b, _pair(a.get("stride", 1)), _pair(padding), _pair(a.get("dilation", 1)),
+                             a.get("groups", 1))
 
 
 _RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
@@ -81,6 +171,10 @@ class ReluSurrogate(TorchFunctionMode):
                 lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
                 hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
             return _ClampSurrogate.apply(args[0], float(lo), float(hi), *self.cfg)
+        if func is F.conv2d:
+            out = _frozen_conv(args, kwargs)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
 
@@ -117,6 +211,12 @@ class GradSaliency(Interpreter):
             return ReluSurrogate(self.surrogate, self.tau, self.beta)
         return contextlib.nullcontext()
 
+    def classifier(self, second_order: bool):
+        """The model a map is computed with: the live one, or for an attack's map (second order) its frozen
+        view (guard.models.frozen_view: the same function with batch norm folded and parameters frozen, so
+        that map is differentiable with respect to the input only)."""
+        return frozen_view(self.model) if second_order else self.model
+
     def objective(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The scalar whose input gradient is explained: Σ NLL(f(x), t) or Σ z_t."""
         if self.loss == "nll":
@@ -126,7 +226,7 @@ class GradSaliency(Interpreter):
     def attribution(self, xg: torch.Tensor, target, second_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, per-pixel attribution (B, C, H, W)): here the input gradient. Subclasses (Input×Gradient,
         Integrated Gradients) change only this; the post-processing below is shared."""
-        logits = self.model(xg)  # (B, K)
+        logits = self.classifier(second_order)(xg)  # (B, K)
         (g,) = torch.autograd.grad(self.objective(logits, pick_target(logits, target)), xg,
                                    create_graph=second_order)
         return logits, g

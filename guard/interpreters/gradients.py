@@ -64,12 +64,13 @@ class IntegratedGradients(GradSaliency):
         return blur(x, 5.0 * x.shape[-1] / 28)
 
     def attribution(self, xg, target, second_order):
-        logits = self.model(xg)
+        net = self.classifier(second_order)
+        logits = net(xg)
         t = pick_target(logits, target).detach()
         x0 = self.base_point(xg)
         alphas = (torch.arange(self.steps, dtype=xg.dtype, device=xg.device) + 0.5) / self.steps
         path = x0 + alphas.view(-1, 1, 1, 1, 1) * (xg - x0)  # (m, B, C, H, W)
         flat = path.reshape(-1, *xg.shape[1:])
-        (g,) = torch.autograd.grad(self.objective(self.model(flat), t.repeat(self.steps)), flat,
+        (g,) = torch.autograd.grad(self.objective(net(flat), t.repeat(self.steps)), flat,
                                    create_graph=second_order)
         return logits, (xg - x0) * g.view(self.steps, *xg.shape).mean(0)
