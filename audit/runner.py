@@ -140,6 +140,9 @@ class Target:
     queries: int = 2000  # the query budget per image of black-box ADV² (attacks/blackbox.py), transfer included
     threat_model: str = "graybox"  # of black-box ADV²: graybox (classifier white-box) or blackbox (queries only)
     label: str | None = None  # the target's name in the report; None: model@data
+    # keyword options of every ADV² of this target (attacks/adv2.py Adv2 / MaskAdv2), e.g. {lam_scale = 10}:
+    # tuning runs (benchmarks/adv2_tables.py --adv2 key=value); None: the paper's preset for each interpreter
+    adv2_options: dict | None = None
 
     def key(self) -> str:
         if self.label:
@@ -263,6 +266,11 @@ def _validate_target(t: Target) -> None:
         raise AuditError("'other' target maps need labelled data (fashion-mnist or an ImageFolder)")
     if t.schedule not in ("paper", "short"):
         raise AuditError(f"schedule must be 'paper' or 'short', not {t.schedule!r}")
+    for kind in {"mask" if n == "mask" else "grad" for n in _adv2_names(t)} if t.adv2_options else ():
+        try:  # constructing an attack is cheap and names a bad option the way the attack's signature does
+            make_adv2(kind, 8 / 255, t.schedule, shorten=t.shorten, **t.adv2_options)
+        except (TypeError, ValueError) as exc:
+            raise AuditError(f"{where}: adv2_options {t.adv2_options} do not fit ADV²-{kind}: {exc}") from None
     if t.weights == "random" and not t.model.startswith("torchvision:"):
         raise AuditError(f"{where}: weights 'random' applies to torchvision:<arch> models only")
     if t.model.startswith("torchvision:") and t.weights is None:
@@ -848,7 +856,7 @@ def _adv2(t: Target, dep: Deployment, name: str, **kw):
     """The ADV² of the paper for interpreter ``name`` with this target's schedule, the run's precision and
     compile setting."""
     name = dep.transfer.get(name, name)  # an adapter is attacked through its twin, with the twin's preset
-    return make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, **dep.attack_kw, **kw)
+    return make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, **{**(t.adv2_options or {}), **dep.attack_kw, **kw})
 
 
 def _steps(progress):

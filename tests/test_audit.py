@@ -337,3 +337,32 @@ def test_the_html_report_renders_in_headless_chromium(full_run, tmp_path):
     assert im.size == (1200, 2000)
     colours = len(im.resize((300, 500)).getcolors(1 << 20))
     assert colours > 200, colours  # text, tables and maps, not an empty page
+
+
+def test_adv2_tables_benchmark_runs_through_the_audit(tmp_path):
+    """benchmarks/adv2_tables.py is a front end of run_audit (one path for the paper's tables): its record is an
+    audit record with the tuning option applied to every ADV², and it prints Table 3's row from it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "t.json"
+    r = subprocess.run([sys.executable, "benchmarks/adv2_tables.py", "--n", "2", "--interpreters", "cam",
+                        "--shorten", "100", "--batch", "2", "--threads", "1", "--adv2", "lam_scale=3",
+                        "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["schema_version"] and report["config"]["targets"][0]["adv2_options"] == {"lam_scale": 3}
+    (tg,) = report["targets"].values()
+    assert "adv2" in tg["summary"]["interpreters"]["cam"]
+    assert "| cam |" in r.stdout and "lam_scale" in r.stdout
+
+
+def test_a_bad_adv2_option_is_refused_by_name():
+    from audit.runner import AuditConfig, AuditError, Target
+
+    cfg = AuditConfig(targets=[Target(interpreters=["cam"], adv2_options={"lam_scal": 3})])
+    with pytest.raises(AuditError, match="lam_scal"):
+        cfg.validate()
