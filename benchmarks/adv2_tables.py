@@ -65,42 +65,57 @@ def _m(row: dict | None, key: str):
     return v.get("mean") if isinstance(v, dict) else v
 
 
-def print_tables(report: dict) -> None:
+BAR = (0.95, 0.5)  # ADV² ASR at least, L1(ADV²)/L1(PGD) at most: the paper's shape, as for its four interpreters
+
+
+def tables(report: dict) -> str:
+    """The markdown tables of one adv2_tables audit record (Table 3 with the bar; target maps; stAdv; Table 9)."""
     (tg,) = report["targets"].values()
     cfg, env = report["config"]["targets"][0], report["environment"]
     interps = tg["summary"]["interpreters"]
-    print(f"\n### {tg['model']}: {tg['n']} images, ε = {tg['eps_255']:g}/255, schedule {cfg['schedule']} "
-          f"(÷{cfg['shorten'] if cfg['schedule'] == 'short' else 1})"
-          + (f", ADV² options {cfg['adv2_options']}" if cfg.get("adv2_options") else "")
-          + f"; {env.get('device', '?')}, torch {env.get('torch', '?')}; {report['seconds']:.0f} s\n")
-    print("| interpreter | PGD ASR (MC) | ADV² ASR (MC) | L1 PGD | L1 ADV² | ratio | IoU PGD | IoU ADV² |")
-    print("|---|---|---|---|---|---|---|---|")
+    out = [f"{tg['model']}: {tg['n']} images, ε = {tg['eps_255']:g}/255, schedule {cfg['schedule']} "
+           f"(÷{cfg['shorten'] if cfg['schedule'] == 'short' else 1})"
+           + (f", ADV² options {cfg['adv2_options']}" if cfg.get("adv2_options") else "")
+           + f"; {env.get('device', '?')}, {env.get('threads', '?')} threads, torch {env.get('torch', '?')}, "
+           f"{env.get('date', '?')[:10]}; {report['seconds'] / 60:.0f} min", "",
+           "| interpreter | PGD ASR (MC) | ADV² ASR (MC) | L1 PGD | L1 ADV² | ratio | IoU PGD | IoU ADV² "
+           f"| bar: ASR ≥ {BAR[0]:.0%}, ratio ≤ {BAR[1]} |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in interps.items():
         p, a = r.get("pgd"), r.get("adv2")
         ratio = _m(a, "l1") / _m(p, "l1") if _m(a, "l1") is not None and _m(p, "l1") else None
-        print(f"| {name} | {_f(_m(p, 'asr'), True)} ({_f(_m(p, 'mc'))}) | {_f(_m(a, 'asr'), True)} ({_f(_m(a, 'mc'))}) | "
-              f"{_f(_m(p, 'l1'))} | {_f(_m(a, 'l1'))} | {_f(ratio)} | {_f(_m(p, 'iou'))} | {_f(_m(a, 'iou'))} |")
+        bar = ("–" if ratio is None or a is None else
+               "met" if _m(a, "asr") >= BAR[0] and ratio <= BAR[1] else "**missed**")
+        out.append(f"| {name} | {_f(_m(p, 'asr'), True)} ({_f(_m(p, 'mc'))}) | {_f(_m(a, 'asr'), True)} "
+                   f"({_f(_m(a, 'mc'))}) | {_f(_m(p, 'l1'))} | {_f(_m(a, 'l1'))} | {_f(ratio)} | {_f(_m(p, 'iou'))} "
+                   f"| {_f(_m(a, 'iou'))} | {bar} |")
     for kind in ("shapes", "other"):
         rows = [(n, r[f"adv2-{kind}"]) for n, r in interps.items() if f"adv2-{kind}" in r]
         if rows:
-            print(f"\n| target map: {kind} | ASR | L1(adversarial map, target) |")
-            print("|---|---|---|")
-            for n, r in rows:
-                print(f"| {n} | {_f(_m(r, 'asr'), True)} | {_f(_m(r, 'l1'))} |")
-    stadv = [(n, r) for n, r in interps.items() if "stadv2" in r]
+            out += ["", f"| target map: {kind} | ASR | L1(adversarial map, target) | L1(benign map, target) |",
+                    "|---|---|---|---|"]
+            out += [f"| {n} | {_f(_m(r, 'asr'), True)} | {_f(_m(r, 'l1'))} | {_f(_m(r, 'benign_l1_to_target'))} |"
+                    for n, r in rows]
+    stadv = [(n, r["stadv2"]) for n, r in interps.items() if "stadv2" in r]
     if stadv:
-        print("\n| spatial attack | stAdv-ADV² ASR (MC) | L1 to benign map | IoU |")
-        print("|---|---|---|---|")
-        for n, r in stadv:
-            s = r["stadv2"]
-            print(f"| {n} | {_f(_m(s, 'asr'), True)} ({_f(_m(s, 'mc'))}) | {_f(_m(s, 'l1'))} | {_f(_m(s, 'iou'))} |")
+        out += ["", "| spatial attack | stAdv-ADV² ASR (MC) | L1 to benign map | IoU |", "|---|---|---|---|"]
+        out += [f"| {n} | {_f(_m(s, 'asr'), True)} ({_f(_m(s, 'mc'))}) | {_f(_m(s, 'l1'))} | {_f(_m(s, 'iou'))} |"
+                for n, s in stadv]
     transfer = tg["summary"].get("transfer") or {}
     if len(transfer) > 1:
         names = list(transfer)
-        print("\n| source \\ read by | " + " | ".join(names) + " |")
-        print("|---" * (len(names) + 1) + "|")
+        readers = list(next(iter(transfer.values())))
+        out += ["", "Transfer (Table 9): x* made against the row's interpreter, L1 of the column's map to its "
+                "benign map; the diagonal is ADV²'s own result.", "",
+                "| made against \\ read by | " + " | ".join(readers) + " |", "|---" * (len(readers) + 1) + "|"]
         for a in names:
-            print(f"| {a} | " + " | ".join(_f(transfer[a].get(b)) for b in names) + " |")
+            out.append(f"| {a} | " + " | ".join(("**" + _f(transfer[a][b]) + "**") if a == b else _f(transfer[a].get(b))
+                                                for b in readers) + " |")
+        cols = [b for b in readers if b in transfer]
+        worst = [b for b in cols if min(transfer, key=lambda a: transfer[a][b]) != b]
+        out += ["", "Diagonal lowest in every column (the paper's shape): "
+                + ("yes." if not worst else f"no — in the columns of {', '.join(worst)} another interpreter's "
+                   "ADV² leaves that map closer to its benign map.")]
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config(a)
     with tempfile.TemporaryDirectory() as run_dir:  # the journal of this run; the record is what is kept
         report = run_audit(cfg, Path(run_dir), progress=Progress())
-    print_tables(report)
+    print("\n### " + tables(report))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(report, indent=1))
