@@ -137,6 +137,39 @@ def from_probabilities(model: ImageClassifier) -> ImageClassifier:
 _VIEWS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
 
 
+def fold_batch_norm(net: nn.Module) -> nn.Module:
+    """``net`` (eval mode) as a torch.fx GraphModule with every batch norm that only follows a convolution
+    folded into it (torch.nn.utils.fusion.fuse_conv_bn_eval). Convolution subclasses (a "same"-padding conv)
+    count as convolutions and keep their forward. Raises where torch.fx cannot trace ``net``."""
+    import torch.fx as fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    class ConvLeaves(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, nn.modules.conv._ConvNd) or super().is_leaf_module(m, qualname)
+
+    gm = fx.GraphModule(net, ConvLeaves().trace(net))
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        src = node.args[0] if bn is not None and node.args else None
+        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not isinstance(src, fx.Node)
+                or src.op != "call_module" or len(src.users) != 1
+                or not isinstance(modules.get(src.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d))):
+            continue
+        conv = modules[src.target]
+        if conv.transposed or not bn.track_running_stats:
+            continue
+        parent, _, leaf = src.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, fuse_conv_bn_eval(conv, bn))
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
 def frozen_view(model: nn.Module) -> nn.Module:
     """The same function as ``model`` for differentiating with respect to the input only: a copy with batch
     norm folded into the convolutions (torch.fx) and no parameter requiring a gradient. A gradient-map attack
@@ -158,14 +191,11 @@ def frozen_view(model: nn.Module) -> nn.Module:
         log.debug("no frozen view of %s: %s", type(model).__name__, e)
         return model
     view.requires_grad_(False)
-    holder, attr = (view, "net") if isinstance(view, ImageClassifier) else (None, None)
     try:
-        from torch.fx.experimental.optimization import fuse
-
-        if holder is not None:
-            setattr(holder, attr, fuse(getattr(holder, attr)))
+        if isinstance(view, ImageClassifier):
+            view.net = fold_batch_norm(view.net)
         else:
-            view = fuse(view)
+            view = fold_batch_norm(view)
     except Exception as e:  # not traceable by torch.fx: keep the unfolded (still frozen) copy
         log.debug("batch norm not folded for %s: %s", type(model).__name__, e)
     view.requires_grad_(False)

@@ -365,3 +365,16 @@ def test_frozen_view_follows_the_live_model(fmnist_resnet):
         torch.testing.assert_close(new(x), model(x), rtol=0, atol=1e-4)
     model.train()
     assert frozen_view(model) is model  # batch statistics: no copy is the same function
+
+
+@pytest.mark.parametrize("spec", ["efficientnet_lite0", "torchvision:resnet18"])
+def test_batch_norm_folds_through_convolution_subclasses(spec):
+    """EfficientNet-Lite0's 'same'-padding convolutions are Conv2d subclasses: their batch norms fold too."""
+    from guard.models import frozen_view
+
+    model = load_model(spec, "random" if spec.startswith("torchvision") else None)
+    view = frozen_view(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in view.modules())
+    x = torch.rand(2, *model.input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), model(x), rtol=0, atol=1e-4)
