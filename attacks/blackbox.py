@@ -99,6 +99,7 @@ class QueryAdv2(Attack):
         self.lr = 0.5 / 255 if lr is None else float(lr)
         self.tile_to, self.margin_weight, self.kappa, self.start_share = tile_to, margin_weight, kappa, start_share
         self.queries = self.trace = self._x_start = self._best = None
+        self._idle = False
         self._gen = torch.Generator()
 
     # -- the public call -----------------------------------------------------------------------------------
@@ -116,6 +117,10 @@ class QueryAdv2(Attack):
                 raise AttackError("the start must have x's shape and lie in the ε-ball around x")
         left = self.budget - int(spent.max())
         self.stages = self._plan(left, start is not None)
+        # nothing left to refine with (the transfer spent the budget): the result is the start, whose map the
+        # attacker already read; judging it again would spend queries beyond the budget
+        self._idle = not any(s.steps for s in self.stages)
+        self.judge_start = not self._idle
         self.queries, self._x_start = spent.to(x.device), None if start is None else start.detach()
         self.trace = [[] for _ in range(b)]
         self._best = torch.full((b,), math.inf, device=x.device)
@@ -209,8 +214,8 @@ class QueryAdv2(Attack):
 
     def judge(self, interp, xq, y_t, map_t, idx=None):
         e, ok, d = super().judge(interp, xq, y_t, map_t, idx)
-        if idx is None:  # the final read of the returned images
-            self.queries += 1
+        if idx is None:  # the final read of the returned images (already read when the start is returned as is)
+            self.queries += 0 if self._idle else 1
             return e, ok, d
         if map_t is not None or self.threat_model == "blackbox":
             self.queries[idx] += 1

@@ -179,3 +179,20 @@ def test_an_interpreter_without_a_gradient_is_attacked_by_queries_and_never_pass
             cwd=tmp_path, env_extra=env)
     assert r.returncode == 4, r.stderr[-2000:]
     assert "LOWER BOUND" in r.stderr and "cannot pass --fail-above" in r.stderr
+
+
+def test_a_budget_the_transfer_already_spent_is_never_exceeded():
+    """When the start's queries leave no room for one estimated step, the start is returned as is and not one
+    query more is counted (before, the start's re-judgement and the final read overshot the budget by 2)."""
+    model, x, y_t = _setup(2)
+    toy = _Smooth(model)
+    bm = toy(x).saliency
+    start = (x + 8 / 255 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))).clamp(0, 1)
+    start = torch.round(start * 255) / 255
+    for spent in (100, 95, 80):  # budget 100; one step costs 2 · 4 samples + judgements
+        toy.seen = 0
+        r = QueryAdv2(24 / 255, 100, samples=4)(toy, x, y_t, bm, start=start, spent=spent)
+        assert max(r.history["queries"]) <= 100, spent
+        if spent > 100 - 2 - 2 * 4:
+            assert r.history["queries"] == [spent, spent] and toy.seen == 1 * len(x)  # only the result's own read
+            torch.testing.assert_close(r.x_adv, start)
