@@ -56,8 +56,11 @@ def render(report: dict, source: str) -> str:
     out = []
     for key, tg in report["targets"].items():
         t = tg["target"]
-        out.append(f"## {tg['model']} on {t['data']}: {', '.join(i.upper() for i in t['interpreters'])}\n")
-        out.append(f"Record `{source}`: {tg['n']} audited inputs, ε = {tg['eps_255']:g}/255, schedule {t['schedule']}"
+        label = f", {t['label']}" if t.get("label") else ""
+        out.append(f"## {tg['model']} on {t['data']}{label}: {', '.join(i.upper() for i in t['interpreters'])}\n")
+        config = Path("benchmarks/configs") / (Path(source).name.removesuffix("_report.json") + ".toml")
+        out.append(f"Record `{source}`" + (f", config `{config}`" if (ROOT / config).is_file() else "") + ":"
+                   f" {tg['n']} audited inputs, ε = {tg['eps_255']:g}/255, schedule {t['schedule']}"
                    f"{' ÷' + str(t['shorten']) if t['schedule'] == 'short' else ''}, detectors at FPR "
                    f"{cfg['fpr']:.0%} calibrated on {t['calibration_n']} benign inputs, smoothing σ = "
                    f"{t.get('smooth_sigma')} × {t.get('smooth_samples')} copies, β = {t.get('beta')}; "
