@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/adv2_tables.py --model mobilenet_v2 --interpreters grad --n 16 \\
         --adv2 joint_lr=0.00098 --adv2 lam_scale=10          # a tuning run: options of every ADV²
     .venv/bin/python benchmarks/adv2_tables.py --targets benign,shapes,other --stadv --json out.json
+    .venv/bin/python benchmarks/adv2_tables.py --n 200 --run-dir runs/t3   # a killed run resumes from its journal
 
 It builds one audit target (PGD and ADV² against each interpreter, no defenses) and runs it with
 ``audit.runner.run_audit``, the code behind ``underfire audit`` and ``underfire reproduce``, so the attacks,
@@ -137,11 +138,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the whole audit record here")
+    ap.add_argument("--run-dir", type=Path, default=None,
+                    help="keep the audit's per-batch journal here: a killed run started again with the same "
+                         "settings resumes from its finished batches (default: a temporary folder)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = config(a)
-    with tempfile.TemporaryDirectory() as run_dir:  # the journal of this run; the record is what is kept
-        report = run_audit(cfg, Path(run_dir), progress=Progress())
+    if a.run_dir is not None:
+        a.run_dir.mkdir(parents=True, exist_ok=True)
+        report = run_audit(cfg, a.run_dir, resume=True, progress=Progress())
+    else:
+        with tempfile.TemporaryDirectory() as run_dir:  # the journal of this run; the record is what is kept
+            report = run_audit(cfg, Path(run_dir), progress=Progress())
     print("\n### " + tables(report))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
