@@ -254,11 +254,12 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
 
         return build_adapter(name, model, **kwargs)
 
-    if name == "smoothgrad":  # SmoothGrad (Smilkov et al. 2017): GRAD averaged over noisy copies, σ = 15% of the range
+    if name == "smoothgrad":  # SmoothGrad (Smilkov et al. 2017): GRAD averaged over noisy copies, σ = 15% of the
+        # range, the copies not clipped (captum NoiseTunnel's convention)
         from guard.smoothing import Smoothed
 
         sm = Smoothed(build_interpreter("grad", model), sigma=kwargs.pop("sigma", 0.15),
-                      samples=kwargs.pop("samples", 16), **kwargs)
+                      samples=kwargs.pop("samples", 16), clip=kwargs.pop("clip", False), **kwargs)
         sm.name = "smoothgrad"
         return sm
 
