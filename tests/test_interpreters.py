@@ -314,6 +314,12 @@ def test_fused_surrogate_backward_equals_its_autograd_composition(kind, hi):
     grads = torch.autograd.grad((w * out).sum(), (g, z))
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+    # the clamp's own backward when it is not differentiated again (the attack's outer backward): g · d(z)
+    from guard.interpreters.grad import _ClampSurrogate
+
+    (gz,) = torch.autograd.grad((w * _ClampSurrogate.apply(z, 0.0, hi, kind, 1e-2, 3.0)).sum(), z)
+    d = surrogate_step(z, kind, 1e-2, 3.0) - (surrogate_step(z - hi, kind, 1e-2, 3.0) if hi else 0)
+    torch.testing.assert_close(gz, (w * d).detach())
 
 
 def _map_and_attack_gradient(model, x, target):

@@ -47,21 +47,40 @@ def surrogate_step(z: torch.Tensor, kind: str, tau: float = 1e-4, beta: float = 
     raise ValueError(f"unknown ReLU surrogate {kind!r}; choose from {SURROGATES}")
 
 
-def _step_and_slope(t: torch.Tensor, kind: str, tau: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h(t), h'(t)) in a few in-place passes: the activations of an ImageNet net are large, and every
-    elementwise pass over them costs about as much as a small convolution."""
+def _derivative(z: torch.Tensor, lo: float, hi: float | None, kind: str, tau: float, beta: float,
+                slope: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """d(z) = h(z − lo) − h(z − hi) (hi None: h(z − lo)) and, with ``slope``, d'(z) — the same numbers as
+    ``surrogate_step``, in as few elementwise passes as possible: the activations of an ImageNet net are
+    large, and every pass over them costs about as much as a small convolution."""
     if kind == "softplus":
-        h = torch.sigmoid(t * beta)
-        return h, (1 - h).mul_(h).mul_(beta)
-    r = (t * t).add_(tau).rsqrt_()  # 1/√(t²+τ)
-    h = t * r
+        h1 = torch.sigmoid((z - lo) * beta)
+        d, s = h1, (1 - h1).mul_(h1).mul_(beta) if slope else None
+        if hi is not None:
+            h2 = torch.sigmoid((z - hi) * beta)
+            d = d - h2
+            s = s.sub_((1 - h2).mul_(h2).mul_(beta)) if slope else None
+        return d, s
+    t1 = z if lo == 0 else z - lo
+    r1 = (t1 * t1).add_(tau).rsqrt_()  # 1/√(t²+τ); d/dt t/√(t²+τ) = τ/(t²+τ)^{3/2} = τ·r³
+    d = t1 * r1
+    if hi is not None:
+        t2 = z - hi
+        r2 = (t2 * t2).add_(tau).rsqrt_()
+        d.addcmul_(t2, r2, value=-1)  # the constant halves of h cancel in h(t1) − h(t2)
     if kind == "smooth":
-        h.add_(1).mul_(0.5)
-        scale = 0.5 * tau
-    else:  # literal
-        h.add_((t < 0).to(t.dtype))
-        scale = tau
-    return h, r.pow_(3).mul_(scale)  # d/dt t/√(t²+τ) = τ/(t²+τ)^{3/2}
+        d.mul_(0.5)
+        if hi is None:
+            d.add_(0.5)
+    else:  # literal: t/√(t²+τ) + 1[t < 0]
+        d.add_((t1 < 0).to(z.dtype))
+        if hi is not None:
+            d.sub_((t2 < 0).to(z.dtype))
+    if not slope:
+        return d, None
+    s = r1.pow_(3)
+    if hi is not None:
+        s.sub_(r2.pow_(3))
+    return d, s.mul_(0.5 * tau if kind == "smooth" else tau)
 
 
 class _SurrogateGrad(torch.autograd.Function):
@@ -73,11 +92,7 @@ class _SurrogateGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, z, lo, hi, kind, tau, beta):  # type: ignore[override]
-        d, slope = _step_and_slope(z - lo, kind, tau, beta)
-        if hi is not None:
-            d_hi, slope_hi = _step_and_slope(z - hi, kind, tau, beta)
-            d.sub_(d_hi)
-            slope.sub_(slope_hi)
+        d, slope = _derivative(z, lo, hi, kind, tau, beta, slope=True)
         ctx.save_for_backward(g, d, slope)
         return g * d
 
@@ -105,10 +120,8 @@ class _ClampSurrogate(torch.autograd.Function):
         lo, hi, kind, tau, beta = ctx.cfg
         if torch.is_grad_enabled():  # the attack's view: a first backward that will be differentiated
             return _SurrogateGrad.apply(g, z, lo, hi, kind, tau, beta), None, None, None, None, None
-        d = surrogate_step(z - lo, kind, tau, beta)
-        if hi is not None:
-            d = d - surrogate_step(z - hi, kind, tau, beta)
-        return g * d, None, None, None, None, None
+        d, _ = _derivative(z, lo, hi, kind, tau, beta, slope=False)
+        return d.mul_(g), None, None, None, None, None
 
 
 class _FrozenConv(torch.autograd.Function):
