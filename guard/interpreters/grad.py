@@ -17,8 +17,8 @@ An attack's map (second order) is computed on the classifier's frozen view (guar
 norm folded, parameters frozen) with two hand-written backward functions: the surrogate's derivative and its
 own derivative in one pass (_SurrogateGrad), and convolutions whose backward is a transposed convolution
 (_FrozenConv), so the double backward skips torch's per-group weight-gradient loop. Same map and gradient as
-the plain autograd path (tests/test_interpreters.py); on MobileNetV2 a GRAD-ADV² step costs about 4 floors
-instead of 10 (benchmarks/step_cost.py, docs/step-cost.md).
+the plain autograd path (tests/test_interpreters.py); on MobileNetV2 a GRAD-ADV² step costs about 3.3 floors
+instead of 7–10 (benchmarks/step_cost.py, docs/step-cost.md).
 """
 
 from __future__ import annotations
