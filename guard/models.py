@@ -173,8 +173,9 @@ def fold_batch_norm(net: nn.Module) -> nn.Module:
 def frozen_view(model: nn.Module) -> nn.Module:
     """The same function as ``model`` for differentiating with respect to the input only: a copy with batch
     norm folded into the convolutions (torch.fx) and no parameter requiring a gradient. A gradient-map attack
-    differentiates through the classifier twice; on MobileNetV2 the folded, frozen copy takes about half as
-    long per step (benchmarks/step_cost.py), with maps equal to the live model's within float rounding.
+    differentiates through the classifier twice; on MobileNetV2 the folded, frozen copy (with the frozen
+    convolutions of guard/interpreters/grad.py) brings a GRAD-ADV² step from 7–10 to about 3.3 forward +
+    backward passes (docs/step-cost.md), with maps equal to the live model's within float rounding.
 
     The copy is cached per model and rebuilt when a parameter or buffer changes (moved, updated in place).
     Returns ``model`` itself where a copy would not be the same function (any module in training mode) or
@@ -190,7 +191,6 @@ def frozen_view(model: nn.Module) -> nn.Module:
     except Exception as e:  # hooks or handles that do not copy: the live model is still correct
         log.debug("no frozen view of %s: %s", type(model).__name__, e)
         return model
-    view.requires_grad_(False)
     try:
         if isinstance(view, ImageClassifier):
             view.net = fold_batch_norm(view.net)
@@ -198,7 +198,7 @@ def frozen_view(model: nn.Module) -> nn.Module:
             view = fold_batch_norm(view)
     except Exception as e:  # not traceable by torch.fx: keep the unfolded (still frozen) copy
         log.debug("batch norm not folded for %s: %s", type(model).__name__, e)
-    view.requires_grad_(False)
+    view.requires_grad_(False)  # after folding: the fused convolutions carry new parameters
     _VIEWS[model] = (key, view)
     return view
 
