@@ -188,6 +188,21 @@ def _cert_text(c: dict, tg: dict) -> str:
             f"ℓ2 {tg.get('linf_as_l2', float('nan')):.2f})")
 
 
+def _compared(a: dict) -> bool:
+    """Whether an interpreter's summary has a defense comparison with at least one defense run on it."""
+    return "comparison" in a and any(r["applies"] for r in a["comparison"]["rows"][1:])
+
+
+def _not_compared(tg: dict) -> str | None:
+    """One line naming the interpreters of a target whose defenses were not attacked (no table for them)."""
+    ints = tg["summary"]["interpreters"]
+    names = [n for n, a in ints.items() if "comparison" in a and not _compared(a)]
+    if not names:
+        return None
+    return (f"no defense was run on {', '.join(names)}: the target's adaptive_interpreters name the interpreters "
+            f"whose defenses are attacked, and a defense that does not apply to an interpreter is skipped")
+
+
 def comparison_rows(cmp: dict) -> list[list[str]]:
     """The defense comparison of one interpreter as text cells (terminal and HTML share them)."""
     from audit.defenses import cost_text
@@ -259,7 +274,7 @@ def summary_text(report: dict) -> str:
             if "certified" in a:
                 lines.append(f"  {_cert_text(a['certified'], tg)}")
         for name, a in tg["summary"]["interpreters"].items():
-            if "comparison" not in a:
+            if not _compared(a):
                 continue
             widths = (15, 18, 18, 7, 12, 8, 18)
             head = ("defense", "spoofability", "its attack's ASR", "FPR", "AUC a / p", "map L1", "extra per input")
@@ -271,6 +286,8 @@ def summary_text(report: dict) -> str:
             for d, info in a.get("defense_info", {}).items():
                 if "certified" in info:
                     lines.append(f"    {d}: {_cert_text(info['certified'], tg)}")
+        if skipped := _not_compared(tg):
+            lines.append(f"  {skipped}")
     lines.append("\n[a–b]: exact (Clopper–Pearson) 95% intervals of rates; τ [a–b]: bootstrap interval over inputs")
     return "\n".join(lines)
 
@@ -520,7 +537,11 @@ def render_html(report: dict) -> str:
                      f"the map noise pooled over {te.get('inputs', 0)} inputs × {te.get('draws', 0)} noise draws, the "
                      f"benign class fixed; its interval is a bootstrap over inputs (how stable τ is at this n)."
                      f"</small></p>")
-        cmp = [(n, a["comparison"]) for n, a in tg["summary"]["interpreters"].items() if "comparison" in a]
+        cmp = [(n, a["comparison"]) for n, a in tg["summary"]["interpreters"].items() if _compared(a)]
+        if skipped := _not_compared(tg):
+            cmp_note = f"<p><small>{html.escape(skipped)}</small></p>"
+        else:
+            cmp_note = ""
         if cmp:
             parts.append("<h3>Defenses compared</h3>")
             for n, c in cmp:
@@ -531,7 +552,7 @@ def render_html(report: dict) -> str:
                 v = c["verdict"]
                 parts.append(f"<h4>{n.upper()}</h4><table><tr>{head}</tr>{body}</table>"
                              f"<p class='{'good' if v['helps'] else 'warnc'}'>{html.escape(v['text'])}</p>")
-            parts.append(f"<p><small>{html.escape(COMPARISON_NOTE)}</small></p>")
+            parts.append(f"<p><small>{html.escape(COMPARISON_NOTE)}</small></p>{cmp_note}")
         parts.append("<h3>Benign vs adversarial maps</h3>" + _examples_html(tg))
         parts.append("<h3>Attacks</h3>" + _table(tg))
         parts.append(f"<img src='data:image/png;base64,{_bars(tg)}'><br><img src='data:image/png;base64,{_curves(tg)}'>")

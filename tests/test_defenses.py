@@ -325,17 +325,37 @@ def test_map_defenses_of_a_deployment(fmnist_resnet):
 
 
 def test_one_interpreter_drops_the_presets_ensemble_with_a_note(capsys):
-    """`underfire audit --interpreters cam` on the default preset: the ensemble cannot apply to one interpreter,
+    """`underfire audit --interpreters cam` on a preset with an ensemble: it cannot apply to one interpreter,
     so it drops out with a note instead of ending in an error; a target without defenses named gets the
     defaults that apply."""
     from audit.cli import resolve_config
 
-    cfg = resolve_config(None, None, {"interpreters": "cam"})
-    assert cfg.targets[0].defenses == ["squeeze"]
+    cfg = resolve_config(None, "table9", {"interpreters": "cam"})
+    assert cfg.targets[0].defenses == []
     assert "ensemble dropped" in capsys.readouterr().err
+    cfg = resolve_config(None, None, {"interpreters": "cam"})  # the default's defenses need no second interpreter
+    assert cfg.targets[0].defenses == ["squeeze", "smooth"] and cfg.targets[0].adaptive_interpreters == ["cam"]
+    assert "dropped" not in capsys.readouterr().err
     t = Target(interpreters=["gradcam"])
     _validate_target(t)
     assert t.defenses == ["squeeze"]
     t = Target(interpreters=["grad", "cam"])
     _validate_target(t)
     assert t.defenses == ["squeeze", "ensemble"]
+
+
+def test_report_names_interpreters_without_a_defense_instead_of_empty_tables():
+    """An interpreter whose defenses were not attacked gets no table of "not run" rows, but one line naming it;
+    an interpreter with at least one defense run keeps its table."""
+    from audit.defenses import compare
+    from audit.metrics import rate
+    from audit.report import _compared, _not_compared
+
+    run = {"spoofability": rate(3, 8), "spoofability_squeeze": rate(1, 8), "defense_info": {}}
+    skipped = {"spoofability": rate(2, 8), "defense_info": {}}
+    ints = {"grad": {**run, "comparison": compare(run, ["squeeze", "smooth"], 0.05)},
+            "rts": {**skipped, "comparison": compare(skipped, ["squeeze", "smooth"], 0.05)}}
+    assert _compared(ints["grad"]) and not _compared(ints["rts"])
+    line = _not_compared({"summary": {"interpreters": ints}})
+    assert "rts" in line and "grad" not in line
+    assert _not_compared({"summary": {"interpreters": {"grad": ints["grad"]}}}) is None
