@@ -194,7 +194,7 @@ class Attack:
     def _update(self, stage: Stage, interp, x0, vi, g, y_t, lam, idx, adam: dict) -> torch.Tensor:
         """One step of the stage's rule from vi along the gradient g (before projection)."""
         if stage.rule == "sign":
-            return vi - stage.lr * g.sign()
+            return torch.add(vi, g.sign(), alpha=-stage.lr)
         if stage.rule == "l2":
             norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.ndim - 1))
             return self.line_search(interp, x0, vi, stage.lr * math.sqrt(g[0].numel()) * g / norm, y_t, lam)
@@ -252,13 +252,18 @@ class Attack:
                 for i in range(stage.steps):
                     if idx.numel() == 0:
                         break
-                    vi = v[idx].detach().requires_grad_(True)
+                    full = idx.numel() == b  # every sample active: whole tensors, no gather / scatter copies
+                    xs, ys = (x0, y_t) if full else (x0[idx], y_t[idx])
+                    ms = map_t if full or map_t is None else map_t[idx]
+                    vi = (v if full else v[idx]).detach().requires_grad_(True)
                     lam = lam_of(i)
-                    per, g = self.gradient(interp, x0[idx], vi, y_t[idx], None if map_t is None else map_t[idx],
-                                           lam, idx)
+                    per, g = self.gradient(interp, xs, vi, ys, ms, lam, idx)
                     with torch.no_grad():
-                        v[idx] = self.threat.project(self._update(stage, interp, x0[idx], vi, g, y_t[idx], lam, idx,
-                                                                  adam), x0[idx])
+                        vn = self.threat.project(self._update(stage, interp, xs, vi, g, ys, lam, idx, adam), xs)
+                        if full:
+                            v = vn
+                        else:
+                            v[idx] = vn
                     step += 1
                     if step % self.check_every == 0 or step == total_steps:
                         xq = self.threat.quantize(self.threat.apply(x0[idx], v[idx]), x0[idx])

@@ -50,7 +50,16 @@ class LinfBall:
         return v
 
     def project(self, v: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return torch.min(torch.max(v, x0 - self.eps), x0 + self.eps).clamp(0, 1)
+        lo, hi = self._bounds(x0)
+        return torch.clamp(v, lo, hi)
+
+    def _bounds(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[max(x0 − ε, 0), min(x0 + ε, 1)]: clamping to it equals clamping to the ball, then to [0, 1]. Kept for
+        the last x0 seen (an attack projects around the same x0 at every step)."""
+        c = getattr(self, "_cache", None)  # (x0 itself — held, so its memory is not reused —, its version, lo, hi)
+        if c is None or c[0] is not x0 or c[1] != x0._version:
+            c = self._cache = (x0, x0._version, (x0 - self.eps).clamp(0, 1), (x0 + self.eps).clamp(0, 1))
+        return c[2], c[3]
 
     def quantize(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """8-bit image inside the ball (exact when x0 is 8-bit and ε a multiple of 1/255)."""

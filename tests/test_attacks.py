@@ -327,3 +327,19 @@ def test_joint_step_size_bounds_how_far_stage_two_moves():
         moved[lr] = float((r.x_adv - x).abs().max()) * 255
     assert moved[0.25 / 255] <= 1 + 1e-4  # 0.75/255 at most, rounded to the 8-bit grid
     assert moved[1 / 255] > 1 + 1e-4  # the paper's step moves further in the same 3 steps
+
+
+def test_linf_projection_equals_ball_then_box_and_follows_x0():
+    """The cached bounds give exactly clamp(ball) then clamp([0, 1]), also for x0 outside [0, 1], and are
+    recomputed for another x0 or after x0 changes in place."""
+    from attacks.threats import LinfBall
+
+    t = LinfBall(8 / 255)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x0 = torch.rand(3, 1, 5, 5, generator=gen) * 1.4 - 0.2
+        v = torch.randn(3, 1, 5, 5, generator=gen)
+        for _ in range(2):
+            ref = torch.min(torch.max(v, x0 - t.eps), x0 + t.eps).clamp(0, 1)
+            assert torch.equal(t.project(v, x0), ref)
+            x0.add_(0.1)  # in place: the cached bounds must not be reused
