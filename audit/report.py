@@ -370,15 +370,17 @@ def _examples_html(tg: dict) -> str:
     recs = tg["records"]["interpreters"]
     cats = ex["categories"]
     rows = []
+    cols = 1 + sum(1 + sum(a in r for a in EXAMPLE_ATTACKS) for r in recs.values())
+    size = max(48, min(96, 1040 // cols - 16))  # the grid fits the page's width (1100 px) when it can
     for i, im in enumerate(ex["images"]):
         cells = [f"<td>{_img_tag(im)}<br>{html.escape(cats[ex['classes'][i]])} → "
                  f"{html.escape(cats[ex['targets'][i]])}</td>"]
         for name, r in recs.items():
-            parts = [f"{_overlay(im, ex['maps'][name][i])}<br>benign"]
+            parts = [f"{_overlay(im, ex['maps'][name][i], size)}<br>benign"]
             for atk in EXAMPLE_ATTACKS:
                 if atk in r and i < len(r[atk]["maps"]):
                     ok = r[atk]["success"][i]
-                    parts.append(f"{_overlay(r[atk]['images'][i], r[atk]['maps'][i])}<br>{ATTACK_LABELS[atk]} "
+                    parts.append(f"{_overlay(r[atk]['images'][i], r[atk]['maps'][i], size)}<br>{ATTACK_LABELS[atk]} "
                                  f"{'✓' if ok else '✗'} L1 {r[atk]['l1'][i]:.2f}")
             cells.append("<td>" + "</td><td>".join(parts) + "</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
