@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -240,6 +241,123 @@ def _json(path):
     return json.loads(Path(path).read_text())
 
 
+# -- tables embedded in hand-written pages -------------------------------------------------------------------
+# A hand-written page (README.md, docs/*.md outside PAGES) holds generated tables between markers:
+#     <!-- generated: KIND | rec.json | a_shard0.json+a_shard100.json = a label -->
+#     ...the table, rewritten by this script...
+#     <!-- end generated -->
+# KIND names a renderer below; each argument is one record (or shards pooled, weighted by their image counts)
+# with an optional row label. Records of benchmarks/adv2_tables.py's earlier standalone version:
+# {"model", "n", "machine", "date", "rows": {interpreter: {"pgd": {...}, "adv2_benign": {...}, ...}}, ...}.
+EMBED = re.compile(r"(<!-- generated: (?P<spec>[^\n]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+METRICS = ("asr", "mc", "l1", "iou", "benign_l1_to_target")
+
+
+def _pooled(files: str) -> dict:
+    """One record, or several shards of one run pooled: every metric weighted by its image count."""
+    recs = [_json(RESULTS / f.strip()) for f in files.split("+")]
+    if len(recs) == 1:
+        return recs[0]
+
+    def pool(parts: list[dict]) -> dict:
+        if not isinstance(parts[0], dict):
+            return parts[0]
+        if "n" in parts[0] and "asr" in parts[0]:
+            n = sum(p["n"] for p in parts)
+            return {"n": n, **{k: sum(p[k] * p["n"] for p in parts) / n for k in METRICS if k in parts[0]}}
+        return {k: pool([p[k] for p in parts]) for k in parts[0] if all(k in p for p in parts)}
+    out = pool(recs)
+    out["n"] = sum(r["n"] for r in recs)
+    return out
+
+
+def _args(spec: str) -> tuple[str, list[tuple[dict, str | None, str]]]:
+    kind, *rest = [a.strip() for a in spec.split("|")]
+    out = []
+    for a in rest:
+        files, _, label = a.partition("=")
+        out.append((_pooled(files), label.strip() or None, files.strip()))
+    return kind, out
+
+
+def _asr_mc(m: dict) -> str:
+    """ASR as a percentage (one decimal where it needs one: 99.5%) and the mean confidence of c_t."""
+    return f"{round(m['asr'] * 100, 1):g}% ({m['mc']:.2f})"
+
+
+def embed_adv2(args) -> list[str]:
+    out = ["| model | interpreter | images | PGD ASR (MC) | ADV² ASR (MC) | L1 PGD | L1 ADV² | ratio (bar ≤ 0.5) | "
+           "IoU PGD → ADV² |", "|---|---|---|---|---|---|---|---|---|"]
+    for rec, label, _ in args:
+        for name, r in rec["rows"].items():
+            p, a = r["pgd"], r["adv2_benign"]
+            ratio = a["l1"] / p["l1"]
+            rt = f"**{ratio:.3f}**" if ratio <= 0.5 else f"{ratio:.3f} (misses)"
+            out.append(f"| {label or rec['model']} | {name.upper()} | {p['n']} | {_asr_mc(p)} | {_asr_mc(a)} | "
+                       f"{p['l1']:.3f} | {a['l1']:.3f} | {rt} | {p['iou']:.2f} → {a['iou']:.2f} |")
+    return out
+
+
+def embed_targets(args) -> list[str]:
+    out = ["| model | target | interpreter | ASR | L1(adv map, target) | L1(benign map, target) | ratio (bar ≤ 0.5) |",
+           "|---|---|---|---|---|---|---|"]
+    for rec, label, _ in args:
+        for kind, text in (("adv2_shapes", "random shape"), ("adv2_other", "other class")):
+            for name, r in rec["rows"].items():
+                a = r[kind]
+                ratio = a["l1"] / a["benign_l1_to_target"]
+                out.append(f"| {label or rec['model']} | {text} | {name.upper()} | {a['asr']:.0%} | {a['l1']:.3f} | "
+                           f"{a['benign_l1_to_target']:.3f} | {'**' if ratio <= 0.5 else ''}{ratio:.2f}"
+                           f"{'**' if ratio <= 0.5 else ''} |")
+    return out
+
+
+def embed_transfer(args) -> list[str]:
+    out = []
+    for rec, label, _ in args:
+        t = rec["transfer"]
+        cols = list(next(iter(t.values())))
+        out += [f"| {label or rec['model']}: ADV² against ↓, read by → | " + " | ".join(c.upper() for c in cols) + " |",
+                "|---" * (len(cols) + 1) + "|"]
+        for a, row in t.items():
+            out.append(f"| ADV²-{a.upper()} | " + " | ".join(f"**{v:.3f}**" if b == a else f"{v:.3f}"
+                                                            for b, v in row.items()) + " |")
+        out.append("")
+    return out[:-1]
+
+
+def embed_stadv(args) -> list[str]:
+    out = ["| model | attack | images | ASR (MC) | L1 to the benign CAM map | IoU | L1 ratio to stAdv (bar ≤ 0.5) |",
+           "|---|---|---|---|---|---|---|"]
+    for i, (rec, label, _) in enumerate(args):
+        s = rec["stadv_cam"]
+        rows = ([("stAdv", s["stadv"], None)] if i == 0 else []) + [(label or "stAdv-ADV²", s["stadv2"], s["l1_ratio"])]
+        for name, m, ratio in rows:
+            rt = "–" if ratio is None else (f"**{ratio:.2f}**" if ratio <= 0.5 else f"{ratio:.2f} (misses)")
+            out.append(f"| {rec['model']} | {name} | {m['n']} | {_asr_mc(m)} | {m['l1']:.3f} | {m['iou']:.2f} | {rt} |")
+    return out
+
+
+EMBEDS = {"adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv}
+
+
+def embedded(text: str) -> str:
+    """``text`` with every generated block rewritten from its records, and the records' machines and dates
+    listed under each table."""
+    def sub(m: re.Match) -> str:
+        kind, args = _args(m["spec"])
+        if kind not in EMBEDS:
+            raise SystemExit(f"unknown generated table kind {kind!r} (known: {', '.join(EMBEDS)})")
+        src = "; ".join(f"`{f}` ({r.get('machine', '?')}, {r.get('date', '?')})" for r, _, f in args)
+        body = "\n".join(EMBEDS[kind](args)) + f"\n\n<sub>generated from {src}</sub>\n"
+        return m.group(1) + body + m.group(4)
+    return EMBED.sub(sub, text)
+
+
+def hand_written() -> list[Path]:
+    return [ROOT / "README.md"] + [p for p in sorted((ROOT / "docs").glob("*.md")) if p.name not in PAGES]
+
+
 PAGES = {  # page → (records, intro, renderer)
     "adv2.md": ("adv2_*_report.json", ADV2_INTRO, render_adv2),
     "defenses.md": ("defenses_*_report.json", INTRO, render),
@@ -269,13 +387,22 @@ def main() -> int:
         path, text = ROOT / "docs" / name, page(name)
         if args.check:
             if not path.is_file() or path.read_text() != text:
-                stale.append(name)
+                stale.append(f"docs/{name}")
             continue
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
         print(f"wrote docs/{name} from {len(list(RESULTS.glob(PAGES[name][0])))} records")
+    for path in hand_written():  # the generated tables inside hand-written pages
+        text = path.read_text()
+        new = embedded(text)
+        if new != text:
+            if args.check:
+                stale.append(str(path.relative_to(ROOT)))
+            else:
+                path.write_text(new)
+                print(f"rewrote the generated tables of {path.relative_to(ROOT)}")
     if stale:
-        print(f"docs/{', docs/'.join(stale)} differ from their records: run python benchmarks/docs.py", file=sys.stderr)
+        print(f"{', '.join(stale)} differ from their records: run python benchmarks/docs.py", file=sys.stderr)
         return 1
     return 0
 

@@ -3,6 +3,8 @@ detector, β-smoothed GRAD, ROC AUC, and the audit's defense comparison."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -359,3 +361,31 @@ def test_report_names_interpreters_without_a_defense_instead_of_empty_tables():
     line = _not_compared({"summary": {"interpreters": ints}})
     assert "rts" in line and "grad" not in line
     assert _not_compared({"summary": {"interpreters": {"grad": ints["grad"]}}}) is None
+
+
+def test_generated_tables_inside_hand_written_pages_follow_their_records():
+    """A generated block of a hand-written page is rewritten from its records (a stale body is replaced, the
+    records' machine and date are named); shards pool by image count; an unknown kind is an error."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("docs_gen", root / "benchmarks" / "docs.py")
+    d = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(d)
+    rec = json.loads((d.RESULTS / "fmnist_resnet_benign.json").read_text())
+    page = "intro\n<!-- generated: adv2 | fmnist_resnet_benign.json = ResNet -->\n| stale | 0.999 |\n<!-- end generated -->\nend\n"
+    out = d.embedded(page)
+    assert "stale" not in out and out.startswith("intro\n") and out.endswith("<!-- end generated -->\nend\n")
+    assert f"| ResNet | GRAD | 200 |" in out and f"{rec['rows']['grad']['adv2_benign']['l1']:.3f}" in out
+    assert rec["date"] in out and d.embedded(out) == out  # idempotent
+    a, b = (json.loads((d.RESULTS / f"fmnist_densenet_mask_resolve4_track5_200_shard{s}.json").read_text())
+            for s in (0, 100))
+    pooled = d._pooled("fmnist_densenet_mask_resolve4_track5_200_shard0.json+"
+                       "fmnist_densenet_mask_resolve4_track5_200_shard100.json")
+    ma, mb = a["rows"]["mask"]["adv2_benign"], b["rows"]["mask"]["adv2_benign"]
+    assert pooled["n"] == a["n"] + b["n"]
+    assert pooled["rows"]["mask"]["adv2_benign"]["l1"] == pytest.approx(
+        (ma["l1"] * ma["n"] + mb["l1"] * mb["n"]) / (ma["n"] + mb["n"]))
+    with pytest.raises(SystemExit, match="unknown generated table kind"):
+        d.embedded("<!-- generated: nonsense | fmnist_resnet_benign.json -->\n<!-- end generated -->")
