@@ -315,7 +315,12 @@ def embed_targets(args) -> list[str]:
 def embed_transfer(args) -> list[str]:
     out = []
     for rec, label, _ in args:
-        t = rec["transfer"]
+        if "targets" in rec:  # an audit record: per-input L1 of each (attacked, reader) pair
+            tg = _target(rec)
+            t = {a: {b: sum(v) / len(v) for b, v in row.items()} for a, row in tg["records"]["transfer"].items()}
+            rec = {"model": tg["model"]}
+        else:
+            t = rec["transfer"]
         cols = list(next(iter(t.values())))
         out += [f"| {label or rec['model']}: ADV² against ↓, read by → | " + " | ".join(c.upper() for c in cols) + " |",
                 "|---" * (len(cols) + 1) + "|"]
@@ -338,7 +343,85 @@ def embed_stadv(args) -> list[str]:
     return out
 
 
-EMBEDS = {"adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv}
+def _target(rec: dict) -> dict:
+    """The single target of an audit record (any schema version)."""
+    (tg,) = rec["targets"].values()
+    return tg
+
+
+def _m(x) -> float:
+    return x["mean"] if isinstance(x, dict) else x
+
+
+SQUEEZERS = {"bits-2": "bits-2", "bits-3": "bits-3", "median-2": "median 2×2", "median-3": "median 3×3",
+             "nlm-11-3-2": "NLM 11-3-2", "nlm-11-3-4": "NLM 11-3-4", "joint": "joint"}
+
+
+def embed_squeeze(args) -> list[str]:
+    """Feature squeezing (paper Table 4) from audit records: detection per squeezer of PGD, ADV² and the
+    adaptive ADV² of each interpreter (over the attacks' outputs, as the audit records it)."""
+    out = ["| model | attack | ASR | L1 to benign | L1 / PGD's | " + " | ".join(SQUEEZERS.values()) + " |",
+           "|---" * (5 + len(SQUEEZERS)) + "|"]
+    for i, (rec, label, _) in enumerate(args):
+        tg = _target(rec)
+        ints = tg["summary"]["interpreters"]
+        model = label or tg["model"]
+        rows = []
+        if i == 0:
+            first = next(iter(ints))
+            rows.append(("PGD", ints[first]["pgd"], f" ({first.upper()})", None))
+        for name, a in ints.items():
+            pgd = _m(a["pgd"]["l1"])
+            rows.append((f"ADV²-{name.upper()}", a["adv2"], "", pgd))
+            if "adaptive-squeeze" in a:
+                rows.append((f"ADV²*-{name.upper()} (adaptive)", a["adaptive-squeeze"], "", pgd))
+        for atk, r, note, pgd in rows:
+            det = r["detection"]["squeeze"]
+            cells = [f"{det[k]:.0%}" for k in SQUEEZERS]
+            ratio = "–" if pgd is None else f"{_m(r['l1']) / pgd:.2f}"
+            if "adaptive" in atk:
+                cells[-1] = f"**{cells[-1]}**"
+            out.append(f"| {model} | {atk} | {_m(r['asr']):.0%} | {_m(r['l1']):.3f}{note} | {ratio} | "
+                       + " | ".join(cells) + " |")
+    return out
+
+
+def embed_ensemble(args) -> list[str]:
+    """The disagreement detector from audit records: detection by its decision score (other scores in
+    brackets) and each member's L1 to its benign map, for PGD, single-member ADV² and the adaptive ADV²."""
+    out = []
+    for rec, label, _ in args:
+        tg = _target(rec)
+        ints = tg["summary"]["interpreters"]
+        names = list(ints)
+        first = ints[names[0]]
+        scores = list(first["pgd"]["detection"]["ensemble"])
+        head = f"detected `{scores[0]}`" + (f" ({' / '.join(f'`{k}`' for k in scores[1:])})" if len(scores) > 1 else "")
+        out += [f"| {label or tg['model']}: attack | ASR | {head} | " + " | ".join(f"L1 {n.upper()}" for n in names) + " |",
+                "|---" * (3 + len(names)) + "|"]
+
+        def det(r):
+            d = r["detection"]["ensemble"]
+            rest = " / ".join(f"{d[k]:.0%}" for k in scores[1:])
+            return f"{d[scores[0]]:.0%}" + (f" ({rest})" if rest else "")
+        out.append(f"| PGD | {_m(first['pgd']['asr']):.0%} | {det(first['pgd'])} | "
+                   + " | ".join(f"{_m(ints[n]['pgd']['l1']):.3f}" for n in names) + " |")
+        tr = tg.get("records", {}).get("transfer", {})  # x* against n read by m: the other members' L1
+        for n in names:
+            a = ints[n]["adv2"]
+            cells = [f"**{_m(a['l1']):.3f}**" if m == n else
+                     f"{sum(tr[n][m]) / len(tr[n][m]):.3f}" if m in tr.get(n, {}) else "·" for m in names]
+            out.append(f"| ADV² vs {n.upper()} | {_m(a['asr']):.0%} | {det(a)} | " + " | ".join(cells) + " |")
+        if "adaptive-ensemble" in first:
+            a = first["adaptive-ensemble"]
+            out.append(f"| adaptive ADV² vs the ensemble | {_m(a['asr']):.0%} | {det(a)} | "
+                       + " | ".join(f"{_m(ints[n]['adaptive-ensemble']['l1']):.3f}" for n in names) + " |")
+        out.append("")
+    return out[:-1]
+
+
+EMBEDS = {"adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
+          "squeeze": embed_squeeze, "ensemble": embed_ensemble}
 
 
 def embedded(text: str) -> str:
@@ -348,10 +431,17 @@ def embedded(text: str) -> str:
         kind, args = _args(m["spec"])
         if kind not in EMBEDS:
             raise SystemExit(f"unknown generated table kind {kind!r} (known: {', '.join(EMBEDS)})")
-        src = "; ".join(f"`{f}` ({r.get('machine', '?')}, {r.get('date', '?')})" for r, _, f in args)
+        src = "; ".join(f"`{f}` ({_machine(r)})" for r, _, f in args)
         body = "\n".join(EMBEDS[kind](args)) + f"\n\n<sub>generated from {src}</sub>\n"
         return m.group(1) + body + m.group(4)
     return EMBED.sub(sub, text)
+
+
+def _machine(rec: dict) -> str:
+    if "environment" in rec:  # an audit record
+        e = rec["environment"]
+        return f"{e['device']}, {e.get('threads', '?')} threads, torch {e['torch']}, {e['date'][:10]}"
+    return f"{rec.get('machine', '?')}, {rec.get('date', '?')}"
 
 
 def hand_written() -> list[Path]:
