@@ -420,7 +420,40 @@ def embed_ensemble(args) -> list[str]:
     return out[:-1]
 
 
-EMBEDS = {"adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
+def _step_label(row: str) -> str:
+    name, _, prec = row.partition("@")
+    name, plus, _ = name.partition("+")
+    base = "PGD" if name == "pgd" else (f"{name.removesuffix('-unroll').upper()}-ADV²"
+                                        + (" (unrolled lookahead)" if name.endswith("-unroll") else ""))
+    return base + (f", {prec}" if prec else "") + (", compiled" if plus else "")
+
+
+def embed_steps(args) -> list[str]:
+    """Step-cost records side by side: each attack step as a ratio to its record's floor (per pass for
+    multi-pass maps), bold where it meets its target."""
+    rows: dict[str, str] = {}
+    for rec, _, _ in args:
+        for row, r in rec["rows"].items():
+            tgt = (f"≤ {r['target_per_pass']} per pass" if "passes" in r
+                   else f"≤ {r['target']}" if r.get("target") else "–")
+            rows.setdefault(row, tgt)
+    out = ["| attack | target | " + " | ".join(label or f"{rec['model']}, batch {rec['batch']}" for rec, label, _ in args)
+           + " |", "|---" * (2 + len(args)) + "|"]
+    for row, tgt in rows.items():
+        cells = []
+        for rec, _, _ in args:
+            r = rec["rows"].get(row)
+            if r is None:
+                cells.append("")
+                continue
+            v, bar = (r["ratio_per_pass"], r["target_per_pass"]) if "passes" in r else (r["ratio"], r.get("target"))
+            txt = f"{v:.2f}" + (" per pass" if "passes" in r else "")
+            cells.append(f"**{txt}**" if bar and v <= bar else txt + (" (misses)" if bar else ""))
+        out.append(f"| {_step_label(row)} | {tgt} | " + " | ".join(cells) + " |")
+    return out
+
+
+EMBEDS = {"steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
           "squeeze": embed_squeeze, "ensemble": embed_ensemble}
 
 
@@ -438,6 +471,8 @@ def embedded(text: str) -> str:
 
 
 def _machine(rec: dict) -> str:
+    if "floor_s" in rec:  # a step-cost record
+        return f"{rec['device']}, torch {rec['torch']}, {rec['date']}, floor {rec['floor_s'] * 1e3:.1f} ms"
     if "environment" in rec:  # an audit record
         e = rec["environment"]
         return f"{e['device']}, {e.get('threads', '?')} threads, torch {e['torch']}, {e['date'][:10]}"
