@@ -453,7 +453,43 @@ def embed_steps(args) -> list[str]:
     return out
 
 
-EMBEDS = {"steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
+def embed_spoof(args) -> list[str]:
+    """Per interpreter of audit records: ADV²'s ASR, its L1 ratio to PGD, the noise level τ, spoofability with
+    its exact interval and, for smoothed interpreters, the certified share of the top-k pixels per radius."""
+    out = ["| model | interpreter | ADV² ASR | L1 ratio ADV² / PGD | noise level τ | spoofability [95% CI] | "
+           "certified top pixels at r = 0.05 / 0.1 / 0.25 |", "|---|---|---|---|---|---|---|"]
+    for rec, label, _ in args:
+        tg = _target(rec)
+        for name, a in tg["summary"]["interpreters"].items():
+            sp, c = a["spoofability"], a.get("certified")
+            cert = " / ".join(f"{v:.0%}" for v in c["mean"]) if c else "–"
+            out.append(f"| {label or tg['model']} | {name} | {_m(a['adv2']['asr']):.0%} | {a['l1_ratio']:.2f} | "
+                       f"{a['tau']:.3f} | {sp['mean']:.0%} [{sp['ci95'][0]:.0%}–{sp['ci95'][1]:.0%}] | {cert} |")
+    return out
+
+
+def embed_rtsa(args) -> list[str]:
+    """RTS against RTS^A (benchmarks/rts_adv.py records): mask quality, ADV²-RTS's distance to its target map
+    (×: RTS^A's over RTS's) and map change under noise."""
+    noises = ["gaussian 0.05", "gaussian 0.1", "uniform 0.1", "uniform 0.2"]
+    out = ["| | preserved | destroyed | area | ADV² ASR | L1(adv map, target) | ratio to RTS | "
+           + " | ".join(f"L1 under {n}" for n in noises) + " |", "|---" * (7 + len(noises)) + "|"]
+    for rec, label, _ in args:
+        base = rec["rows"]["RTS"]
+        for name, r in rec["rows"].items():
+            q, qb = r["quality"], base["quality"]
+
+            def rel(k):
+                return "" if r is base else f" ({(q[k] - qb[k]) / qb[k]:+.1%})"
+            ratio = "" if r is base else f"**×{r['adv2']['l1_to_target'] / base['adv2']['l1_to_target']:.2f}**"
+            out.append(f"| {label or rec['model']} {name} | {q['preserved_acc']:.1%}{rel('preserved_acc')} | "
+                       f"{q['destroyed_acc']:.1%}{rel('destroyed_acc')} | {q['area']:.3f}{rel('area')} | "
+                       f"{r['adv2']['asr']:.0%} | {r['adv2']['l1_to_target']:.3f} | {ratio} | "
+                       + " | ".join(f"{r['noise_l1'][n]:.3f}" for n in noises) + " |")
+    return out
+
+
+EMBEDS = {"rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
           "squeeze": embed_squeeze, "ensemble": embed_ensemble}
 
 
