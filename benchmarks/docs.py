@@ -489,7 +489,17 @@ def embed_rtsa(args) -> list[str]:
     return out
 
 
-EMBEDS = {"rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
+def embed_summary(args) -> list[str]:
+    """The terminal summary `underfire audit` printed for an audit record, as a code block."""
+    from audit.report import summary_text
+
+    out = []
+    for rec, _, _ in args:
+        out += ["```", summary_text(rec).rstrip(), "```"]
+    return out
+
+
+EMBEDS = {"summary": embed_summary, "rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
           "squeeze": embed_squeeze, "ensemble": embed_ensemble}
 
 
