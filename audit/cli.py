@@ -329,9 +329,9 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
                     setattr(t, k, [n for n in getattr(t, k) if n in t.interpreters])
             members = t.ensemble_members if t.ensemble_members is not None else [n for n in t.interpreters if n != "mask"]
             if "defenses" not in tflags and t.defenses and len(members) < 2:  # a preset's ensemble cannot apply
-                dropped = [d for d in t.defenses if d in NEEDS_TWO]
+                dropped = [d for d in t.defenses if d.rpartition("+")[2] in NEEDS_TWO]  # alone or combined
                 if dropped:
-                    t.defenses = [d for d in t.defenses if d not in NEEDS_TWO]
+                    t.defenses = [d for d in t.defenses if d not in dropped]
                     click.echo(f"note: {', '.join(dropped)} dropped from {t.key()}'s defenses: an ensemble needs "
                                f"two interpreters", err=True)
     for k in ("name", "batch_size", "seed", "fpr", "device", "precision", "channels_last", "compile", "min_pgd_asr"):
@@ -437,7 +437,7 @@ def _audit_options(fn):
         click.option("--queries", type=int, help="Query budget per image of black-box ADV² (default 2000)."),
         click.option("--threat-model", type=click.Choice(["graybox", "blackbox"]),
                      help="Black-box ADV²: graybox (classifier gradients, map by queries; default) or blackbox."),
-        click.option("--defenses", help="Comma list of squeeze, ensemble, ensemble-norm, stability, learned, smooth, beta, rtsa, or all (empty string: none)."),
+        click.option("--defenses", help="Comma list of squeeze, ensemble, ensemble-norm, stability, learned, smooth, beta, rtsa, a map defense with a detector (smooth+squeeze), or all (empty string: none)."),
         click.option("--schedule", type=click.Choice(["short", "paper"])),
         click.option("--shorten", type=int, help="Divide every attack schedule by this (schedule short)."),
         click.option("--batch-size", help="Inputs per attack batch, or 'auto' (fill the GPU; 32 on CPU)."),

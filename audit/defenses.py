@@ -14,6 +14,9 @@ Two kinds, each scored only under an attack that knows it:
   ``smooth`` randomized smoothing (``guard.smoothing``); ``beta`` β-smoothed GRAD (softplus-β backward);
   ``rtsa`` RTS^A in place of RTS (an adversarially trained RTS; bundled for the Fashion-MNIST nets).
 
+- combined defenses ``<map>+<detector>`` (e.g. ``smooth+squeeze``) deploy both: the adaptive attack is the map
+  defense's with the detector's hinge, and a spoof must stay within the defended map's τ and go undetected.
+
 None of them changes the classifier: clean accuracy is unchanged by construction (cost 0).
 """
 
@@ -23,6 +26,28 @@ DETECTORS = ("squeeze", "ensemble", "ensemble-norm", "stability", "learned")
 MAPS = ("smooth", "beta", "rtsa")
 DEFENSES = DETECTORS + MAPS
 NEEDS_TWO = ("ensemble", "ensemble-norm")  # need two interpreters to compare
+
+
+def combo(defense: str) -> tuple[str, str] | None:
+    """``"smooth+squeeze"`` → ("smooth", "squeeze"): a map defense deployed together with a detector. Its
+    adaptive attack is the map defense's (EOT for smoothing) with the detector's hinge added, and a spoof must
+    also go undetected. None for a single defense; ValueError for a combination that is not one map defense
+    and one detector (the ensemble detector's attack optimises the ensemble's map, not this one: excluded)."""
+    if "+" not in defense:
+        return None
+    m, _, d = defense.partition("+")
+    if m not in MAPS or d not in DETECTORS or d == "ensemble":
+        raise ValueError(f"{defense!r}: a combined defense is <map defense>+<detector>, map one of "
+                         f"{', '.join(MAPS)}, detector one of {', '.join(x for x in DETECTORS if x != 'ensemble')}")
+    return m, d
+
+
+def parts(defense: str) -> tuple[str | None, str | None]:
+    """(map defense, detector) of any defense name; None where it has no such part."""
+    c = combo(defense)
+    if c:
+        return c
+    return (defense, None) if defense in MAPS else (None, defense)
 
 
 def map_defense_name(defense: str, interpreter: str) -> str | None:
@@ -56,6 +81,16 @@ def detector_cost(det) -> dict:
 def map_cost(defense: str, samples: int) -> dict:
     """A map defense's maps per explanation (in place of the one plain map)."""
     return {"forwards": 0, "maps": samples if defense == "smooth" else 1}
+
+
+def combined_cost(*costs: dict | None) -> dict:
+    """The cost of defenses deployed together: their forwards and maps added."""
+    out = {"forwards": 0, "maps": 0}
+    for c in costs:
+        for k in out:
+            if out[k] is not None:
+                out[k] = None if not c or c.get(k) is None else out[k] + c[k]
+    return out
 
 
 def cost_text(c: dict) -> str:

@@ -82,6 +82,8 @@ ATTACK_LABELS = {"pgd": "PGD", "adv2": "ADV²", "blackbox": "ADV² by queries", 
                  "adaptive-learned": "ADV²* vs learned", "defense-smooth": "ADV²* on smoothed map",
                  "defense-beta": "ADV²* on β-smoothed map",
                  "adv2-shapes": "ADV² → shape map†", "adv2-other": "ADV² → other-class map†"}
+ATTACK_LABELS.update({f"defense-{m}+{d}": f"{ATTACK_LABELS[f'defense-{m}']} + {d}"  # combined defenses
+                      for m in ("smooth", "beta") for d in ("squeeze", "ensemble-norm", "stability", "learned")})
 
 
 class ReportError(ValueError):
@@ -251,12 +253,14 @@ def summary_text(report: dict) -> str:
             lines.append(f"  INCONCLUSIVE: {r}")
         lines.append("  " + textwrap.fill(plain_words(key, tg), 108, subsequent_indent="  "))
         w = max(12, *(len(n) + 2 for n in tg["summary"]["interpreters"]))
-        lines.append(f"  {'interpreter':<{w}}{'attack':<24}{'ASR [95% CI]':>16}{'L1':>8}{'IoU':>7}  detected (decision)")
-        for r in summary_rows({"targets": {key: tg}}):
+        rows = summary_rows({"targets": {key: tg}})
+        wa = max(24, *(len(ATTACK_LABELS.get(r["attack"], r["attack"])) + 1 for r in rows)) if rows else 24
+        lines.append(f"  {'interpreter':<{w}}{'attack':<{wa}}{'ASR [95% CI]':>16}{'L1':>8}{'IoU':>7}  detected (decision)")
+        for r in rows:
             dets = ", ".join(f"{d} {_fmt(r['detection'].get(d + ':' + v['decision']), True)}"
                              for d, v in tg["detectors"].items())
             asr = _rate({"mean": r["asr"], "ci95": r["asr_ci95"]})
-            lines.append(f"  {r['interpreter']:<{w}}{ATTACK_LABELS.get(r['attack'], r['attack']):<24}"
+            lines.append(f"  {r['interpreter']:<{w}}{ATTACK_LABELS.get(r['attack'], r['attack']):<{wa}}"
                          f"{asr:>16}{_fmt(r['l1']):>8}{_fmt(r['iou']):>7}  {dets}")
         for name, a in tg["summary"]["interpreters"].items():
             extra = "" if "comparison" in a else "".join(f", under {k.split('_', 1)[1]} {_rate(v)}"

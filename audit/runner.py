@@ -55,7 +55,8 @@ from attacks.blackbox import THREATS, Counted, QueryAdv2, transfer_start
 from attacks.pgd import PRECISIONS
 from attacks.stadv import StAdv2
 from attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
-from audit.defenses import DEFENSES, DETECTORS, MAPS, NEEDS_TWO, compare, detector_cost, map_cost, map_defense_name
+from audit.defenses import (DEFENSES, DETECTORS, MAPS, NEEDS_TWO, combined_cost, combo, compare, detector_cost, map_cost,
+                            map_defense_name, parts)
 from audit.metrics import K_GRID, confidence, iou_curve, l1, rate
 from audit.report import SCHEMA_VERSION
 from guard.adapters import Transfer, Adapter, build_twin
@@ -246,10 +247,16 @@ def _validate_target(t: Target) -> None:
         t.defenses = ["squeeze"] + (["ensemble"] if len(_ensemble_names(t)) >= 2 else [])
     if "all" in t.defenses:  # every defense that applies here (the ensembles need two interpreters)
         t.defenses = [d for d in DEFENSES if d not in NEEDS_TWO or len(_ensemble_names(t)) >= 2]
-    if unknown := set(t.defenses) - set(DEFENSES):
-        raise AuditError(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)} (or all)")
+    if unknown := {d for d in t.defenses if d not in DEFENSES and "+" not in d}:
+        raise AuditError(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)}, a combination "
+                         f"<map defense>+<detector> such as smooth+squeeze, or all")
+    for d in t.defenses:
+        try:
+            combo(d)
+        except ValueError as exc:
+            raise AuditError(f"{where}: {exc}") from None
     for d in NEEDS_TWO:
-        if d in t.defenses and len(_ensemble_names(t)) < 2:
+        if any(parts(x)[1] == d for x in t.defenses) and len(_ensemble_names(t)) < 2:
             raise AuditError(f"{where}: the {d} defense needs at least two interpreters "
                              f"(MASK counts only when named in ensemble_members)")
     if not 0 < t.smooth_sigma <= 1:
@@ -487,9 +494,10 @@ def _gradient_names(t: Target) -> set[str]:
         names.add("cam")
     if "adaptive" in t.attacks and t.defenses:
         names |= set(_adaptive_names(t))
-        if {"ensemble", "ensemble-norm", "learned"} & set(t.defenses):
+        detectors = {parts(d)[1] for d in t.defenses}
+        if {"ensemble", "ensemble-norm", "learned"} & detectors:
             names |= set(_ensemble_names(t))
-        if {"stability", "learned"} & set(t.defenses):
+        if {"stability", "learned"} & detectors:
             names |= set(_stability_names(t))
     return names
 
@@ -542,14 +550,14 @@ def _exclude_opaque(t: Target, opaque: set, warnings: list[str]) -> None:
                        "adaptive_interpreters": _adaptive_names}[group](t)
             setattr(t, group, [n for n in default if n not in opaque])
     for d in NEEDS_TWO:
-        if d in t.defenses and len(t.ensemble_members) < 2:
-            t.defenses = [x for x in t.defenses if x != d]
+        if any(parts(x)[1] == d for x in t.defenses) and len(t.ensemble_members) < 2:
+            t.defenses = [x for x in t.defenses if parts(x)[1] != d]
             warnings.append(f"note: the {d} defense is dropped: fewer than two interpreters with a gradient to "
                             f"compare once {', '.join(sorted(opaque))} left its members")
     if not t.stability_members:
         for d in ("stability", "learned"):
-            if d in t.defenses:
-                t.defenses = [x for x in t.defenses if x != d]
+            if any(parts(x)[1] == d for x in t.defenses):
+                t.defenses = [x for x in t.defenses if parts(x)[1] != d]
                 warnings.append(f"note: the {d} defense is dropped: no interpreter with a gradient to watch")
 
 
@@ -606,8 +614,9 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     if pool_y is not None and len(pool_x) > int(ok[-1]) + 1:
         pool = (pool_x[int(ok[-1]) + 1:], pool_y[int(ok[-1]) + 1:].to(device))
     defended = {}
+    wanted = {parts(d)[0] for d in t.defenses}  # map defenses, alone or combined with a detector
     for d in MAPS if "adaptive" in t.attacks else ():
-        if d in t.defenses:
+        if d in wanted:
             kw = {"smooth": {"sigma": t.smooth_sigma, "samples": t.smooth_samples}, "beta": {"beta": t.beta}}.get(d, {})
             defended[d] = {}
             for n in _adaptive_names(t):
@@ -670,7 +679,7 @@ def _train_learned(t: Target, dep: Deployment, det: LearnedDetector, progress: P
 
 def build_detectors(t: Target, dep: Deployment, fpr: float, progress: Progress) -> dict:
     dets = {}
-    for d in t.defenses:
+    for d in dict.fromkeys(parts(x)[1] for x in t.defenses):  # detectors, alone or combined with a map defense
         if d not in DETECTORS:
             continue
         if dep.x_cal is None or len(dep.x_cal) == 0:
@@ -778,9 +787,9 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
                     a = adaptive(_adv2(t, dep, name, lam_scale=ADAPTIVE_LAM), dets[d])
                     r = a(it, x, y_t, bms[name], progress=_steps(progress))
                     out["interpreters"][name][f"adaptive-{d}"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
-                elif name in dep.defended.get(d, {}):
+                elif name in dep.defended.get(parts(d)[0], {}):
                     out["interpreters"][name][f"defense-{d}"] = _map_defense(t, dep, d, name, sl, seed, keep,
-                                                                              bms[name], progress)
+                                                                              bms[name], progress, dets)
     if "adaptive" in t.attacks and "ensemble" in t.defenses:
         members = [dep.interpreters[n] for n in _ensemble_names(t)]  # the loss covers every member at once
         if len(members) >= 2:
@@ -804,16 +813,19 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
 
 
 def _map_defense(t: Target, dep: Deployment, d: str, name: str, sl: slice, seed: int, keep: int,
-                 plain_bm: torch.Tensor, progress: Progress) -> dict:
-    """A map defense of interpreter ``name``: its own noise level, ADV² against the defended map itself (for
-    smoothing an EOT attack: every step's map averages fresh noise), the fidelity cost L1(defended benign map,
-    plain benign map), and for smoothing the certificate."""
-    it = dep.defended[d][name]
+                 plain_bm: torch.Tensor, progress: Progress, dets: dict) -> dict:
+    """A map defense of interpreter ``name`` (alone, or with a detector: ``smooth+squeeze``): its own noise
+    level, ADV² against the defended map itself (for smoothing an EOT attack: every step's map averages fresh
+    noise; with a detector, its hinge added), the fidelity cost L1(defended benign map, plain benign map), and for
+    smoothing the certificate."""
+    m, det = parts(d)
+    it = dep.defended[m][name]
     x, y, y_t = dep.x[sl], dep.y[sl], dep.y_t[sl]
     bm = benign_maps(it, x)
-    progress(f"ADV²-{name.upper()} vs its {d} defense ({it.name})")
-    r = _adv2(t, dep, it.name)(it, x, y_t, bm)
-    rec = _record(it, r.x_adv, y_t, bm, {}, keep)
+    progress(f"ADV²-{name.upper()} vs its {d} defense ({it.name}" + (f" + {det} detector)" if det else ")"))
+    atk = adaptive(_adv2(t, dep, it.name, lam_scale=ADAPTIVE_LAM), dets[det]) if det else _adv2(t, dep, it.name)
+    r = atk(it, x, y_t, bm)
+    rec = _record(it, r.x_adv, y_t, bm, {det: dets[det]} if det else {}, keep)
     rec["noise_l1"] = _noise_l1(t, dep, sl, seed, {it.name: bm}, {it.name: it})[it.name]
     rec["fidelity_l1"] = l1(bm, plain_bm).tolist()
     if isinstance(it, Smoothed):
@@ -1005,12 +1017,23 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
                                                   if s]) if plain else None}
             elif atk.startswith("defense-"):  # a map defense: its own τ, the ADV² against the defended map
                 d = atk.split("-", 1)[1]
+                m, det = parts(d)
                 noise_d = noise_level(rec["noise_l1"], n_boot, seed)
                 close = [bool(s) and v <= noise_d["tau"] for s, v in zip(ok, rec["l1"])]
+                if det:  # deployed with a detector: a spoof must also go undetected
+                    close = [c and not f for c, f in zip(close, rec["detected"][det][decisions[det]])]
                 a_int[f"spoofability_{d}"] = rate(sum(close), len(ok))
                 a_int.setdefault("defense_info", {})[d] = {
                     "asr": row["asr"], "tau": noise_d["tau"], "tau_estimate": noise_d,
-                    "fidelity_l1": _ci(rec["fidelity_l1"], n_boot, seed), "cost": map_cost(d, smooth_samples)}
+                    "fidelity_l1": _ci(rec["fidelity_l1"], n_boot, seed), "cost": map_cost(m, smooth_samples)}
+                if det:
+                    info = detectors.get(det, {})
+                    f, n_held = info.get("fpr_heldout"), info.get("n_heldout", 0)
+                    a_int["defense_info"][d].update(
+                        fpr_heldout=f, cost=combined_cost(map_cost(m, smooth_samples), info.get("cost")),
+                        fpr_heldout_rate=rate(round(f * n_held), n_held) if f is not None and n_held else None,
+                        auc=roc_auc(info.get("heldout_scores", []),
+                                    [rec["detector_scores"][det][i] for i in succ]))
                 if "certified" in rec:
                     c = torch.tensor(rec["certified"], dtype=torch.float64)
                     a_int["defense_info"][d]["certified"] = {"radii": list(RADII), "mean": c.mean(0).tolist(),

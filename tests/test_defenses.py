@@ -389,3 +389,30 @@ def test_generated_tables_inside_hand_written_pages_follow_their_records():
         (ma["l1"] * ma["n"] + mb["l1"] * mb["n"]) / (ma["n"] + mb["n"]))
     with pytest.raises(SystemExit, match="unknown generated table kind"):
         d.embedded("<!-- generated: nonsense | fmnist_resnet_benign.json -->\n<!-- end generated -->")
+
+
+def test_a_map_defense_combined_with_a_detector(tmp_path):
+    """smooth+squeeze: the smoothed map's EOT attack carries the squeezing hinge, a spoof must be within the
+    smoothed map's τ AND undetected (recounted here from the per-sample records), its cost adds both parts, its
+    held-out FPR is the detector's; combinations that are not <map>+<detector> are refused by name."""
+    from audit.runner import AuditConfig, run_audit
+
+    t = Target("fmnist_resnet", interpreters=["grad"], n=4, attacks=["pgd", "adv2", "adaptive"],
+               defenses=["smooth+squeeze"], shorten=50, calibration_n=32, smooth_samples=2)
+    rep = run_audit(AuditConfig(name="combo", batch_size=4, bootstrap=10, examples=0, targets=[t]), tmp_path)
+    (tg,) = rep["targets"].values()
+    assert set(tg["detectors"]) == {"squeeze"} and tg["map_defenses"] == {"smooth": {"grad": "smooth:grad"}}
+    rec = tg["records"]["interpreters"]["grad"]["defense-smooth+squeeze"]
+    a = tg["summary"]["interpreters"]["grad"]
+    info = a["defense_info"]["smooth+squeeze"]
+    tau = info["tau"]
+    decision = tg["detectors"]["squeeze"]["decision"]
+    expect = sum(bool(s) and d <= tau and not f
+                 for s, d, f in zip(rec["success"], rec["l1"], rec["detected"]["squeeze"][decision]))
+    assert a["spoofability_smooth+squeeze"]["k"] == expect and a["spoofability_smooth+squeeze"]["n"] == 4
+    assert info["cost"] == {"forwards": 7, "maps": 2} and info["fpr_heldout"] is not None
+    row = next(r for r in a["comparison"]["rows"] if r["defense"] == "smooth+squeeze")
+    assert row["applies"] and row["fpr_heldout"] == info["fpr_heldout"]
+    for bad in ("squeeze+smooth", "smooth+ensemble", "smooth+nope", "smooth+squeeze+stability"):
+        with pytest.raises(AuditError, match="combined defense|unknown defenses"):
+            _validate_target(Target("fmnist_resnet", interpreters=["grad", "cam"], defenses=[bad]))
