@@ -234,7 +234,17 @@ def render_adv2(report: dict, source: str) -> str:
     cmd = (f"benchmarks/adv2_tables.py --model {t['model']} --n {t['n']} --interpreters {','.join(t['interpreters'])}"
            + (f" --eps {t['eps']:g}" if t.get("eps") else "") + f" --shorten {t['shorten']}"
            + "".join(f" --adv2 {k}={v}" for k, v in (t.get("adv2_options") or {}).items()))
-    return f"## {tg['model']} on {t['data']}\n\nRecord `{source}`: {tables(report)}\n`{cmd}`\n"
+    later = []  # rows a later record of the same model and data measured again (after a change of the code)
+    for p in sorted(RESULTS.glob("adv2_*_report.json")):
+        other = _json(p)
+        ot = other["config"]["targets"][0]
+        if (p.name != Path(source).name and ot["model"] == t["model"] and ot["data"] == t["data"]
+                and other["environment"]["date"] > report["environment"]["date"]):
+            if again := [n for n in ot["interpreters"] if n in t["interpreters"]]:
+                later.append(f"{', '.join(again)}: re-measured in `{p.relative_to(ROOT)}`, which supersedes the "
+                             f"row{'s' if len(again) > 1 else ''} here")
+    note = "".join(f"\nSuperseded — {x}.\n" for x in later)
+    return f"## {tg['model']} on {t['data']}\n\nRecord `{source}`: {tables(report)}{note}\n`{cmd}`\n"
 
 
 def _json(path):
