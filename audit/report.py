@@ -228,7 +228,9 @@ COMPARISON_HEAD = ["defense", "spoofability [95% CI]", "ASR of its attack", "FPR
                    "map L1 cost", "extra per input"]
 COMPARISON_NOTE = ("Each defense is scored under an attack that knows it: detectors under ADV² with the detector's "
                    "hinge (ASR = reaching c_t; spoofability also needs undetected and within τ), map defenses under "
-                   "ADV² against the defended map (smoothing: fresh noise each step, EOT) with their own τ. AUC: "
+                   "ADV² against the defended map (smoothing: fresh noise each step, EOT) with their own τ, a map "
+                   "defense + detector (smooth+squeeze) under both at once (within the defended map's τ and "
+                   "undetected). AUC: "
                    "held-out benign vs that attack's successful inputs (and vs plain ADV²). Map L1 cost: L1 between "
                    "the defended and the plain benign map. No defense changes the classifier (clean accuracy cost 0). † the joint "
                    "ensemble attack optimises the ensemble's mean map, not this interpreter's: not counted in the verdict.")
