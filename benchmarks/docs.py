@@ -241,9 +241,14 @@ def render_adv2(report: dict, source: str) -> str:
         if (p.name != Path(source).name and ot["model"] == t["model"] and ot["data"] == t["data"]
                 and other["environment"]["date"] > report["environment"]["date"]):
             if again := [n for n in ot["interpreters"] if n in t["interpreters"]]:
-                later.append(f"{', '.join(again)}: re-measured in `{p.relative_to(ROOT)}`, which supersedes the "
-                             f"row{'s' if len(again) > 1 else ''} here")
-    note = "".join(f"\nSuperseded — {x}.\n" for x in later)
+                rows = f"row{'s' if len(again) > 1 else ''}"
+                if (ot.get("adv2_options") or {}) != (t.get("adv2_options") or {}):
+                    later.append(f"Measured again — {', '.join(again)}: with ADV² options {ot['adv2_options']} in "
+                                 f"`{p.relative_to(ROOT)}`")
+                else:
+                    later.append(f"Superseded — {', '.join(again)}: re-measured with the same settings in "
+                                 f"`{p.relative_to(ROOT)}`, which supersedes the {rows} here")
+    note = "".join(f"\n{x}.\n" for x in later)
     return f"## {tg['model']} on {t['data']}\n\nRecord `{source}`: {tables(report)}{note}\n`{cmd}`\n"
 
 
