@@ -1008,11 +1008,8 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
                 info = detectors.get(d, {})
                 benign = info.get("heldout_scores", [])
                 plain = per.get("adv2", {})
-                f, n_held = info.get("fpr_heldout"), info.get("n_heldout", 0)
                 a_int.setdefault("defense_info", {})[d] = {
-                    "asr": row["asr"], "fpr_heldout": f, "cost": info.get("cost"),
-                    "fpr_heldout_rate": rate(round(f * n_held), n_held) if f is not None and n_held else None,
-                    "auc": roc_auc(benign, [rec["detector_scores"][d][i] for i in succ]),
+                    "asr": row["asr"], "cost": info.get("cost"), **_detector_stats(info, rec, d, succ),
                     "auc_plain": roc_auc(benign, [plain["detector_scores"][d][i] for i, s in enumerate(plain["success"])
                                                   if s]) if plain else None}
             elif atk.startswith("defense-"):  # a map defense: its own τ, the ADV² against the defended map
@@ -1028,12 +1025,9 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
                     "fidelity_l1": _ci(rec["fidelity_l1"], n_boot, seed), "cost": map_cost(m, smooth_samples)}
                 if det:
                     info = detectors.get(det, {})
-                    f, n_held = info.get("fpr_heldout"), info.get("n_heldout", 0)
                     a_int["defense_info"][d].update(
-                        fpr_heldout=f, cost=combined_cost(map_cost(m, smooth_samples), info.get("cost")),
-                        fpr_heldout_rate=rate(round(f * n_held), n_held) if f is not None and n_held else None,
-                        auc=roc_auc(info.get("heldout_scores", []),
-                                    [rec["detector_scores"][det][i] for i in succ]))
+                        cost=combined_cost(map_cost(m, smooth_samples), info.get("cost")),
+                        **_detector_stats(info, rec, det, succ))
                 if "certified" in rec:
                     c = torch.tensor(rec["certified"], dtype=torch.float64)
                     a_int["defense_info"][d]["certified"] = {"radii": list(RADII), "mean": c.mean(0).tolist(),
@@ -1054,6 +1048,15 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
 
 
 UNDEFENDED = ("adv2", "blackbox")  # the attacks on the undefended map behind spoofability
+
+
+def _detector_stats(info: dict, rec: dict, d: str, succ: list[int]) -> dict:
+    """A detector's held-out false-positive rate (with its exact interval) and the ROC AUC of held-out benign
+    scores against the scores of an attack's successful inputs ``succ`` in record ``rec``."""
+    f, n_held = info.get("fpr_heldout"), info.get("n_heldout", 0)
+    return {"fpr_heldout": f,
+            "fpr_heldout_rate": rate(round(f * n_held), n_held) if f is not None and n_held else None,
+            "auc": roc_auc(info.get("heldout_scores", []), [rec["detector_scores"][d][i] for i in succ])}
 
 
 def query_stats(rec: dict, spoofed: list[bool], tau: float) -> dict:
