@@ -470,9 +470,9 @@ def _audit_options(fn):
 def audit_cmd(config, out, resume, overwrite, as_json, fail_above, **flags) -> None:
     """Score how far a deployment (model + interpreters + defenses) can be spoofed; write runs/<name>/report.*.
 
-    With no options: the bundled default (Fashion-MNIST ResNet with GRAD, CAM, RTS and Grad-CAM, squeezing and
-    smoothing compared on GRAD and CAM; MobileNetV2 on the bundled photos with Grad-CAM), under 2 minutes on
-    2 CPU cores.
+    With no options: the bundled default (Fashion-MNIST ResNet with GRAD, CAM, RTS and Grad-CAM; squeezing,
+    smoothing and the two together compared on GRAD; MobileNetV2 on the bundled photos with Grad-CAM), under 2
+    minutes on 2 CPU cores.
     Under ``torchrun --nproc_per_node=N`` the inputs are sharded across processes.
     """
     _check_gate(fail_above)

@@ -335,8 +335,9 @@ def test_one_interpreter_drops_the_presets_ensemble_with_a_note(capsys):
     cfg = resolve_config(None, "table9", {"interpreters": "cam"})
     assert cfg.targets[0].defenses == []
     assert "ensemble dropped" in capsys.readouterr().err
-    cfg = resolve_config(None, None, {"interpreters": "cam"})  # the default's defenses need no second interpreter
-    assert cfg.targets[0].defenses == ["squeeze", "smooth"] and cfg.targets[0].adaptive_interpreters == ["cam"]
+    cfg = resolve_config(None, None, {"interpreters": "grad"})  # the default's defenses need no second interpreter
+    t = cfg.targets[0]
+    assert t.defenses == ["squeeze", "smooth", "smooth+squeeze"] and t.adaptive_interpreters == ["grad"]
     assert "dropped" not in capsys.readouterr().err
     t = Target(interpreters=["gradcam"])
     _validate_target(t)
