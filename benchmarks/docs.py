@@ -514,6 +514,41 @@ def embed_summary(args) -> list[str]:
     return out
 
 
+def _checkpoint(name: str) -> dict:
+    """A bundled checkpoint's stored metadata (its metrics are the record), without the weights."""
+    import torch
+
+    ck = torch.load(ROOT / "guard" / "checkpoints" / name, map_location="cpu", weights_only=False)
+    return {k: v for k, v in ck.items() if k != "state_dict"}
+
+
+def embed_classifiers(names: list[str]) -> list[str]:
+    out = ["| model | Fashion-MNIST test top-1 (10k) | training | wall time (cores) |", "|---|---|---|---|"]
+    for n in names:
+        ck = _checkpoint(n)
+        m, c = ck["metrics"], ck["config"]
+        out.append(f"| `{n.removesuffix('.pt')}` ({ck['arch']}) | **{m['test_top1']:.2%}** | {c['epochs']} epochs, "
+                   f"batch {c['batch_size']}, lr {c['lr']:g} | {m['train_seconds']:.0f} s ({m['threads']} threads, "
+                   f"{m['machine']}, torch {m['torch']}) |")
+    return out
+
+
+def embed_rts(names: list[str]) -> list[str]:
+    out = ["| RTS | clean acc | preserved acc (bar ≥ 0.8 × clean) | destroyed acc (bar ≤ 0.5 × clean) | "
+           "mean mask area (bar ≤ 0.5) | training |", "|---|---|---|---|---|---|"]
+    for n in names:
+        ck = _checkpoint(n)
+        m = ck["metrics"]
+        q = m["quality"]
+        out.append(f"| `{n.removesuffix('.pt')}` | {q['clean_acc']:.2%} | **{q['preserved_acc']:.2%}** "
+                   f"({q['preserved_acc'] / q['clean_acc']:.2f} ×) | **{q['destroyed_acc']:.2%}** "
+                   f"({q['destroyed_acc'] / q['clean_acc']:.2f} ×) | **{q['area']:.3f}** | {m['train_seconds']:.0f} s, "
+                   f"{m['threads']} threads, {q['n']} test images |")
+    return out
+
+
+CHECKPOINT_EMBEDS = {"classifiers": embed_classifiers, "rts": embed_rts}  # records: guard/checkpoints/*.pt
+
 EMBEDS = {"summary": embed_summary, "rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
           "squeeze": embed_squeeze, "ensemble": embed_ensemble}
 
@@ -522,6 +557,11 @@ def embedded(text: str) -> str:
     """``text`` with every generated block rewritten from its records, and the records' machines and dates
     listed under each table."""
     def sub(m: re.Match) -> str:
+        kind, *names = [a.strip() for a in m["spec"].split("|")]
+        if kind in CHECKPOINT_EMBEDS:
+            body = "\n".join(CHECKPOINT_EMBEDS[kind](names))
+            return (m.group(1) + body + f"\n\n<sub>generated from the metrics stored in "
+                    f"{', '.join(f'`guard/checkpoints/{n}`' for n in names)}</sub>\n" + m.group(4))
         kind, args = _args(m["spec"])
         if kind not in EMBEDS:
             raise SystemExit(f"unknown generated table kind {kind!r} (known: {', '.join(EMBEDS)})")
