@@ -44,8 +44,10 @@ PAPER = {
 PAPER["rtsa"] = PAPER["rts"]  # RTS^A is attacked like RTS
 # The deployed interpreters beyond the paper: Grad-CAM maps are blobs at a conv layer's resolution like CAM's,
 # Input×Gradient and IG are input-gradient maps like GRAD's (pooled the same way): each takes that preset.
+# Occlusion's map is pooled like GRAD's too; GRAD's preset measured better than CAM's on it (fmnist_resnet,
+# 8 test images, ε = 24/255, short ÷8: L1 ratio to PGD 0.32 vs 0.34, in 60% of the time).
 PAPER["gradcam"] = PAPER["gradcampp"] = PAPER["cam"]
-PAPER["inputxgrad"] = PAPER["ig"] = PAPER["smoothgrad"] = PAPER["grad"]
+PAPER["inputxgrad"] = PAPER["ig"] = PAPER["smoothgrad"] = PAPER["occlusion"] = PAPER["grad"]
 
 
 class Adv2(Attack):

@@ -12,10 +12,10 @@ without a graph to the input: their maps carry no gradient (captum's gradients a
 ``create_graph``; pytorch-grad-cam works in numpy).
 
 Each adapter names its native twin (``twin``): the native interpreter computing the same map with a
-gradient (``gradcam`` for GradCAM, ``ig`` for IntegratedGradients, ...). :class:`Transfer` pairs them: a
-differentiable call (the attacker's view) returns the twin's map, any other call (benign maps, judging
-iterates, the report) the adapter's real map — so ADV² through the one loop optimises the twin and every
-iterate is judged by the deployed map: a transfer result, and the audit says so.
+gradient (``gradcam`` for GradCAM, ``ig`` for IntegratedGradients, ``occlusion`` for Occlusion, ...).
+:class:`Transfer` pairs them: a differentiable call (the attacker's view) returns the twin's map, any other
+call (benign maps, judging iterates, the report) the adapter's real map — so ADV² through the one loop
+optimises the twin and every iterate is judged by the deployed map: a transfer result, and the audit says so.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target
+from guard.interpreters.occlusion import default_window
 
-CAPTUM_TWINS = {"Saliency": "grad:logit", "IntegratedGradients": "ig", "InputXGradient": "inputxgrad"}
+CAPTUM_TWINS = {"Saliency": "grad:logit", "IntegratedGradients": "ig", "InputXGradient": "inputxgrad",
+                "Occlusion": "occlusion"}
 GRADCAM_TWINS = {"GradCAMPlusPlus": "gradcampp"}  # the other CAM classes: gradcam
 EXTRAS = {"captum": "captum", "gradcam": "pytorch_grad_cam"}
 
@@ -79,8 +81,8 @@ class CaptumAdapter(Adapter):
         t = pick_target(logits, target)
         kw = dict(self.kw)
         if self.method == "Occlusion" and "sliding_window_shapes" not in kw:
-            s = max(1, x.shape[-1] // 7)
-            kw.update(sliding_window_shapes=(x.shape[1], s, s), strides=(x.shape[1], max(1, s // 2), max(1, s // 2)))
+            s, st = default_window(min(x.shape[-2:]))
+            kw.update(sliding_window_shapes=(x.shape[1], s, s), strides=(x.shape[1], st, st))
         with torch.enable_grad():
             a = self.attr.attribute(x.detach().clone().requires_grad_(True), target=t, **kw)
         sal = a.detach().abs().amax(1, keepdim=True)
@@ -159,4 +161,8 @@ def build_twin(adapter: Interpreter, model) -> Interpreter | None:
     if twin == "grad:logit":
         return build_interpreter("grad", model, loss="logit")
     kw = {"layer": adapter.native.layer_name} if isinstance(adapter, GradCamAdapter) else {}
+    if twin == "occlusion":  # the same windows as the adapter's (its own when it was given some)
+        shape, strides = adapter.kw.get("sliding_window_shapes"), adapter.kw.get("strides")
+        kw = {"pool": adapter.pool, "window": shape[-1] if shape else None,
+              "stride": (strides[-1] if isinstance(strides, tuple) else strides) if strides else None}
     return build_interpreter(twin, model, **kw)

@@ -10,12 +10,13 @@ import torch
 from attacks.adv2 import PGD, make_adv2
 from attacks.targets import benign_maps, target_classes
 from audit.metrics import l1
+from guard.adapters import build_twin
 from guard.interpreters import build_interpreter
 from guard.interpreters.base import InterpreterError
 from guard.interpreters.gradcam import feature_layers
 from tests.conftest import tiny_classifier
 
-NEW = ("gradcam", "gradcampp", "inputxgrad", "ig")
+NEW = ("gradcam", "gradcampp", "inputxgrad", "ig", "occlusion")
 
 
 def test_ig_and_input_x_gradient_equal_captum(fmnist_resnet, fmnist_small):
@@ -74,6 +75,38 @@ def test_new_interpreters_keep_the_contract_and_have_a_second_order_gradient(nam
     (g,) = torch.autograd.grad(it(xg).saliency.pow(2).sum(), xg)
     assert torch.isfinite(g).all() and float(g.abs().sum()) > 0
     assert not model.training and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("model_name", ["fmnist_resnet", "mobilenet"])
+def test_occlusion_equals_captum_and_its_gradient_is_exact(model_name, request, fmnist_small, photo_batch):
+    """Native occlusion = captum's Occlusion (window 1/7 of the side, stride half of it, baseline 0) after the
+    same post-processing, to float precision; with other windows too. Its gradient (a difference of the
+    model's logits: no surrogate) matches central differences of the map along random directions."""
+    model = request.getfixturevalue(model_name)
+    x = fmnist_small[0][:4] if model_name == "fmnist_resnet" else photo_batch[0][:1]
+    s, st = (5, 2) if model_name == "fmnist_resnet" else (64, 28)  # windows whose last position is cut at the
+    other = {"sliding_window_shapes": (x.shape[1], s, s), "strides": (x.shape[1], st, st)}  # border, as captum's
+    for kw in ({}, other) if model_name == "fmnist_resnet" else (other,):  # MobileNetV2: 49 windows, CI time
+        adapter = build_interpreter("captum:Occlusion", model, **kw)
+        twin = build_twin(adapter, model)
+        assert twin.name == "occlusion" and (twin.window, twin.stride) == ((s, st) if kw else (None, None))
+        ref, mine = adapter(x).saliency, twin(x).saliency
+        assert torch.allclose(mine, ref, atol=1e-4), float((mine - ref).abs().max())
+    if model_name != "fmnist_resnet":
+        return
+    model = tiny_classifier()
+    it = build_interpreter("occlusion", model)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
+    w = torch.rand(2, 1, 7, 7, dtype=torch.float64)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((it(xg).saliency * w).sum(), xg)
+    for seed in range(3):
+        v = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(seed))
+        h = 1e-7  # the tiny net's ReLU kinks make the map piecewise smooth: a small step, a 0.1% tolerance
+        fd = ((it(x + h * v).saliency - it(x - h * v).saliency) * w).sum() / (2 * h)
+        assert abs(float(fd) - float((g * v).sum())) <= 1e-3 * max(1.0, abs(float(fd))), (float(fd), float((g * v).sum()))
+    with pytest.raises(InterpreterError, match="larger than"):
+        build_interpreter("occlusion", model, window=40)(x)
 
 
 def test_smoothgrad_is_smoothed_grad_with_its_papers_noise():
@@ -137,11 +170,11 @@ def test_adv2_moves_the_new_maps_towards_the_benign_one(name, fmnist_resnet, fmn
 
 
 ADAPTERS = ("gradcam:GradCAM", "gradcam:GradCAMPlusPlus", "captum:IntegratedGradients", "captum:Saliency",
-            "captum:InputXGradient")
+            "captum:InputXGradient", "captum:Occlusion")
 
 
 def test_adapters_match_their_native_twins_and_carry_no_gradient(fmnist_resnet, fmnist_small):
-    from guard.adapters import Transfer, build_twin
+    from guard.adapters import Transfer
 
     x = fmnist_small[0][:4]
     for name in ADAPTERS:
@@ -160,13 +193,13 @@ def test_adapters_match_their_native_twins_and_carry_no_gradient(fmnist_resnet, 
         build_interpreter("captum:NoSuchMethod", fmnist_resnet)
     with pytest.raises(InterpreterError, match="name a method"):
         build_interpreter("gradcam:", fmnist_resnet)
-    assert build_interpreter("captum:Occlusion", fmnist_resnet).twin is None
+    assert build_interpreter("captum:FeatureAblation", fmnist_resnet).twin is None
 
 
 def test_audit_of_an_adapter_is_a_transfer_result_judged_by_the_real_map(tmp_path):
     """pytorch-grad-cam's GradCAM has no gradient: the audit attacks its native twin, judges with its own
     map, says so, counts the real map's reads as queries, and reports a lower bound (not refused, not
-    reported safe for lack of a gradient). An adapter without a twin (captum's Occlusion) is attacked by
+    reported safe for lack of a gradient). An adapter without a twin (captum's FeatureAblation) is attacked by
     queries only, and left out of the detectors an adaptive attack must optimise through."""
     from audit.runner import AuditConfig, AuditRefused, Target, build_deployment, run_audit
 
@@ -182,13 +215,13 @@ def test_audit_of_an_adapter_is_a_transfer_result_judged_by_the_real_map(tmp_pat
     assert tg["attacks"]["adv2-gradcam:GradCAM"]["interpreter"] == "gradcam"
     assert "transfer from the native twin gradcam" in a["lower_bound"] and rep["headline"]["lower_bound"]
     assert a["adv2"]["queries"]["spent_max"] > 0  # the transfer's judgements read the real map
-    t = Target("fmnist_resnet", interpreters=["captum:Occlusion", "grad", "cam"], n=2, attacks=["pgd", "adv2"],
-               defenses=["squeeze", "ensemble"])
+    t = Target("fmnist_resnet", interpreters=["captum:FeatureAblation", "grad", "cam"], n=2,
+               attacks=["pgd", "adv2"], defenses=["squeeze", "ensemble"])
     dep = build_deployment(t, 0, torch.device("cpu"))
-    assert dep.opaque == {"captum:Occlusion"} and t.ensemble_members == ["grad", "cam"]
-    assert any(w.startswith("BLACK BOX: the captum:Occlusion map") for w in dep.warnings)
-    t = Target("fmnist_resnet", interpreters=["captum:Occlusion", "grad"], n=2, defenses=["ensemble"],
-               ensemble_members=["captum:Occlusion", "grad"])
+    assert dep.opaque == {"captum:FeatureAblation"} and t.ensemble_members == ["grad", "cam"]
+    assert any(w.startswith("BLACK BOX: the captum:FeatureAblation map") for w in dep.warnings)
+    t = Target("fmnist_resnet", interpreters=["captum:FeatureAblation", "grad"], n=2, defenses=["ensemble"],
+               ensemble_members=["captum:FeatureAblation", "grad"])
     with pytest.raises(AuditRefused, match="have no gradient"):
         build_deployment(t, 0, torch.device("cpu"))
 
