@@ -3,13 +3,15 @@ that lets a gradient attack reach an interpreter that has no gradient.
 
     build_interpreter("captum:IntegratedGradients", model)   # any attribution class of captum.attr
     build_interpreter("gradcam:GradCAMPlusPlus", model)      # any CAM class of pytorch-grad-cam
+    build_interpreter("opaque:mask@cam", model)              # a native map served as a black box
 
 ``captum:<Method>`` calls ``Method(model).attribute(x, target=t, **kw)`` and post-processes like GRAD
 (|a|, max over channels, avg-pool 4, min–max); Occlusion gets a window of 1/7 of the side, stride half
 of it. ``gradcam:<Method>`` runs the CAM class on the layer the native ``gradcam`` picks and brings its map
 (numpy, resized to the input) back to that layer's resolution (area average), then min–max. Both compute
 without a graph to the input: their maps carry no gradient (captum's gradients are taken without
-``create_graph``; pytorch-grad-cam works in numpy).
+``create_graph``; pytorch-grad-cam works in numpy). ``opaque:<name>`` serves a native map the same way,
+to measure what the missing gradient costs; ``@<surrogate>`` names the interpreter to transfer from.
 
 Each adapter names its native twin (``twin``): the native interpreter computing the same map with a
 gradient (``gradcam`` for GradCAM, ``ig`` for IntegratedGradients, ``occlusion`` for Occlusion, ...).
@@ -116,9 +118,40 @@ class GradCamAdapter(Adapter):
         return Explanation(logits.detach(), minmax(F.adaptive_avg_pool2d(m, self.native_size(tuple(x.shape[-2:])))))
 
 
+class Opaque(Adapter):
+    """A native interpreter served as a black box, as an explanation API serves it: ``opaque:<name>`` answers
+    with ``<name>``'s map and never a gradient; ``opaque:<name>@<surrogate>`` also names the differentiable
+    surrogate a transfer attack optimises (e.g. ``opaque:mask@cam``; without one, queries only). For audits of
+    what the missing gradient costs the attacker, beside the white-box ``<name>``."""
+
+    def __init__(self, model, inner: str, surrogate: str | None = None, **kw) -> None:
+        from guard.interpreters.base import build_interpreter
+
+        Interpreter.__init__(self, model)
+        if not inner or inner.startswith(("opaque:", "captum:", "gradcam:")):
+            raise InterpreterError(f"opaque:<name> serves a native interpreter as a black box; got {inner!r}")
+        if surrogate is not None and surrogate.startswith(("opaque:", "captum:", "gradcam:")):
+            raise InterpreterError(f"the surrogate of opaque:{inner} must be a native interpreter with a gradient, "
+                                   f"not {surrogate!r}")
+        self.inner = build_interpreter(inner, model, **kw)
+        self.name = f"opaque:{inner}" + (f"@{surrogate}" if surrogate else "")
+        self.method, self.kw, self.twin = inner, kw, surrogate
+
+    def modules(self):
+        return self.inner.modules()
+
+    def native_size(self, hw):
+        return self.inner.native_size(hw)
+
+    def explain(self, x, target):
+        e = self.inner(x.detach(), target)
+        return Explanation(e.logits.detach(), e.saliency.detach())
+
+
 class Transfer(Interpreter):
-    """The attacker's view of an interpreter without a gradient: differentiable calls return ``twin``'s map,
-    all others ``real``'s (see the module docstring). Its name is the real interpreter's."""
+    """The attacker's view of an interpreter without a gradient: differentiable calls return ``twin``'s map
+    (resized to the real map's resolution), all others ``real``'s (see the module docstring). Its name is the
+    real interpreter's."""
 
     compile_parts = ()
 
@@ -132,20 +165,23 @@ class Transfer(Interpreter):
         return tuple({id(m): m for m in (*self.twin.modules(), *self.real.modules())}.values())
 
     def native_size(self, hw):
-        return self.twin.native_size(hw)
+        return self.real.native_size(hw)
 
     def explain(self, x, target):
-        if x.requires_grad and torch.is_grad_enabled():
-            return self.twin(x, target)
-        e = self.real(x, target)
-        size = self.twin.native_size(tuple(x.shape[-2:]))
-        if tuple(e.saliency.shape[-2:]) != tuple(size):
-            e = Explanation(e.logits, minmax(F.adaptive_avg_pool2d(e.saliency, size)))
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return self.real(x, target)
+        e = self.twin(x, target)  # at the real map's resolution, so every distance is the deployed map's
+        size = tuple(self.real.native_size(tuple(x.shape[-2:])))
+        if tuple(e.saliency.shape[-2:]) != size:
+            e = Explanation(e.logits, minmax(F.interpolate(e.saliency, size=size, mode="bilinear", align_corners=False)))
         return e
 
 
 def build_adapter(name: str, model, **kw) -> Interpreter:
     prefix, _, method = name.partition(":")
+    if prefix == "opaque":
+        inner, _, surrogate = method.partition("@")
+        return Opaque(model, inner, surrogate or None, **kw)
     if not method:
         raise InterpreterError(f"{name!r}: name a method, e.g. captum:IntegratedGradients or gradcam:GradCAM")
     return CaptumAdapter(model, method, **kw) if prefix == "captum" else GradCamAdapter(model, method, **kw)

@@ -196,6 +196,26 @@ def test_adapters_match_their_native_twins_and_carry_no_gradient(fmnist_resnet, 
     assert build_interpreter("captum:FeatureAblation", fmnist_resnet).twin is None
 
 
+def test_opaque_serves_a_native_map_as_a_black_box(fmnist_resnet, fmnist_small):
+    """opaque:<name> answers with <name>'s own map and no gradient; @<surrogate> names the twin a transfer
+    attack optimises, whose map the attacker's view brings to the real map's resolution (CAM 7² → MASK 14²)."""
+    from guard.adapters import Transfer
+
+    x = fmnist_small[0][:2]
+    op = build_interpreter("opaque:mask@cam", fmnist_resnet)
+    assert (op.name, op.twin) == ("opaque:mask@cam", "cam")
+    assert torch.equal(op(x).saliency, build_interpreter("mask", fmnist_resnet)(x).saliency)
+    xg = x.clone().requires_grad_(True)
+    assert not op(xg).saliency.requires_grad
+    view = Transfer(build_twin(op, fmnist_resnet), op)
+    s = view(xg).saliency
+    assert s.requires_grad and tuple(s.shape[-2:]) == op.native_size((28, 28)) == (14, 14)
+    assert build_interpreter("opaque:grad", fmnist_resnet).twin is None
+    for bad in ("opaque:captum:Saliency", "opaque:grad@opaque:cam", "opaque:"):
+        with pytest.raises(InterpreterError):
+            build_interpreter(bad, fmnist_resnet)
+
+
 def test_audit_of_an_adapter_is_a_transfer_result_judged_by_the_real_map(tmp_path):
     """pytorch-grad-cam's GradCAM has no gradient: the audit attacks its native twin, judges with its own
     map, says so, counts the real map's reads as queries, and reports a lower bound (not refused, not

@@ -234,7 +234,8 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
     """Build a registered interpreter by name (grad, cam, mask, rts); kwargs go to its constructor.
 
     ``smooth:<name>`` wraps interpreter ``<name>`` in :class:`guard.smoothing.Smoothed` (kwargs: sigma, samples).
-    ``captum:<Method>`` / ``gradcam:<Method>`` adapt captum / pytorch-grad-cam (:mod:`guard.adapters`).
+    ``captum:<Method>`` / ``gradcam:<Method>`` adapt captum / pytorch-grad-cam (:mod:`guard.adapters`);
+    ``opaque:<name>[@<surrogate>]`` serves ``<name>`` as a black box (no gradient; a surrogate to transfer from).
     ``smoothgrad`` is ``smooth:grad`` with SmoothGrad's noise (σ = 0.15, 16 copies; kwargs sigma, samples).
     ``beta:grad`` is β-smoothed GRAD (Dombrowski et al. 2019): the deployed gradient map is computed through
     softplus-β in place of every ReLU in the backward pass, always (kwargs: beta, default ``BETA``).
@@ -249,7 +250,8 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
             raise InterpreterError(f"{name!r}: smoothing wraps a one-pass interpreter (grad, cam, rts), not {inner!r}")
         return Smoothed(build_interpreter(inner, model), **kwargs)
 
-    if name.startswith(("captum:", "gradcam:")):  # the reference libraries (optional extras; guard/adapters.py)
+    if name.startswith(("captum:", "gradcam:", "opaque:")):  # the reference libraries (optional extras) and
+        # black-box views of native interpreters (guard/adapters.py)
         from guard.adapters import build_adapter
 
         return build_adapter(name, model, **kwargs)
