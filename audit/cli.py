@@ -7,6 +7,7 @@ bad tensor) ends as one ``Error: ...`` line and exit status 1; nothing half-writ
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -85,8 +86,9 @@ def models_cmd() -> None:
               help="Bundled name, torchvision:<arch>, a .pt checkpoint, or module:function.")
 @click.option("--weights", default=None, help="With torchvision:<arch>: weights enum name or a state_dict file.")
 @click.option("-k", "--top", default=5, show_default=True, help="How many classes to print.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON record (model, machine, date, top-k per image).")
 @friendly
-def predict(images: tuple[Path, ...], model_name: str, weights: str | None, top: int) -> None:
+def predict(images: tuple[Path, ...], model_name: str, weights: str | None, top: int, as_json: bool) -> None:
     """Print the top-k classes of IMAGES (files or folders; default: the bundled real photos, or 8 Fashion-MNIST
     test images for a 28×28 grey-scale model)."""
     from training.data import fashion_mnist, load_images, photos, stack
@@ -107,6 +109,15 @@ def predict(images: tuple[Path, ...], model_name: str, weights: str | None, top:
         raise ModelError(f"model {model.name} produced NaN/inf outputs")
     cats = model.categories or [str(i) for i in range(probs.shape[1])]
     p, idx = probs.topk(min(top, probs.shape[1]), dim=1)
+    if as_json:
+        from audit.runner import environment
+
+        click.echo(json.dumps({"kind": "predictions", "model": model.name, "weights": weights,
+                               "environment": environment(torch.device("cpu")),
+                               "images": [{"name": n, "top": [[cats[iv], round(pv, 4)] for pv, iv in
+                                                              zip(pi.tolist(), ii.tolist())]}
+                                          for n, pi, ii in zip(names, p, idx)]}, indent=1))
+        return
     for n, pi, ii in zip(names, p, idx):
         click.echo(f"{n}:")
         for pv, iv in zip(pi.tolist(), ii.tolist()):

@@ -106,8 +106,11 @@ named under its table, e.g. `underfire audit --config benchmarks/configs/blackbo
 Threat models: *gray box* — the classifier is white-box, the interpreter answers queries with maps only;
 *black box* — the deployment answers queries with label scores and maps, nothing else. A query is one image
 shown to the deployed interpreter (or, in the black box, the classifier); every count below is exact.
-Attacks (attacks/blackbox.py): *transfer* — ADV² against a differentiable native twin (e.g. `gradcam` for
-pytorch-grad-cam's GradCAM), every iterate judged by the real map (each judgement a query); *query ADV²* —
+Attacks (attacks/blackbox.py): *transfer* — ADV² against a differentiable native twin (`gradcam` for
+pytorch-grad-cam's GradCAM, `occlusion` for captum's Occlusion) or a named surrogate (`opaque:mask@cam`: MASK
+served as a black box, attacked through CAM), every iterate judged by the real map (each judgement a query;
+captum's Occlusion appears twice: by queries alone in an older record, before it had its twin, and with the
+transfer); *query ADV²* —
 from the transfer result (or from white-box PGD on the classifier where there is no twin) sign steps along an
 antithetic NES estimate of relu(CW margin + 1) + L1(map, benign map), judged on the 8-bit image like the
 white-box loop, within the budget (transfer included). For GRAD and CAM the white-box ADV² on the same images
@@ -549,7 +552,22 @@ def embed_rts(names: list[str]) -> list[str]:
 
 CHECKPOINT_EMBEDS = {"classifiers": embed_classifiers, "rts": embed_rts}  # records: guard/checkpoints/*.pt
 
-EMBEDS = {"summary": embed_summary, "rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
+
+def embed_predictions(args) -> list[str]:
+    """`underfire predict --json` records side by side: each model's top classes per image."""
+    names = [im["name"] for im in args[0][0]["images"]]
+    out = ["| image | " + " | ".join(f"`{label or rec['model']}`" for rec, label, _ in args) + " |",
+           "|---" * (1 + len(args)) + "|"]
+    for i, n in enumerate(names):
+        cells = []
+        for rec, _, _ in args:
+            im = next((m for m in rec["images"] if m["name"] == n), None)
+            cells.append("–" if im is None else " / ".join(f"{c} {p:.0%}" for c, p in im["top"]))
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    return out
+
+
+EMBEDS = {"predictions": embed_predictions, "summary": embed_summary, "rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
           "squeeze": embed_squeeze, "ensemble": embed_ensemble}
 
 

@@ -25,6 +25,20 @@ def test_predict_bundled_photos():
     assert out.count("%") == 5 * 16
 
 
+def test_predict_json_record_for_the_docs():
+    """`predict --json` is the record the docs' prediction table is generated from: machine, date, top-k."""
+    import json
+
+    r = run("predict", "--model", "fmnist_resnet", "--json", "-k", "2")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["kind"] == "predictions" and rec["model"] == "fmnist_resnet" and rec["environment"]["date"]
+    assert len(rec["images"]) == 8 and all(len(im["top"]) == 2 for im in rec["images"])
+    for im in rec["images"]:  # the label in the name is the true class; the ResNet gets most right
+        assert im["top"][0][1] >= im["top"][1][1]
+    assert sum(im["name"].endswith(f"({im['top'][0][0]})") for im in rec["images"]) >= 6
+
+
 @pytest.mark.parametrize(
     "args, msg",
     [
