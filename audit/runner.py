@@ -59,7 +59,7 @@ from audit.defenses import (DEFENSES, DETECTORS, MAPS, NEEDS_TWO, combined_cost,
                             map_defense_name, parts)
 from audit.metrics import K_GRID, confidence, iou_curve, l1, rate
 from audit.report import SCHEMA_VERSION
-from guard.adapters import Transfer, Adapter, build_twin
+from guard.adapters import Adapter, Opaque, Transfer, build_twin
 from guard.calibration import roc_auc
 from guard.ensemble import DisagreementDetector, InterpreterEnsemble, NormalisedDisagreementDetector
 from guard.learned import LearnedDetector
@@ -585,9 +585,11 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
                 opaque.add(n)  # attacked with queries (black-box ADV²) instead
                 continue
             interps[n], transfer[n] = Transfer(twin, it), twin.name
-            warnings.append(f"TRANSFER: {n} computes its map without a gradient; its attacks optimise the native "
-                            f"twin {twin.name} and every iterate is judged by {n}'s own map (a transfer result: "
-                            f"a white-box attacker with {n}'s gradient could do at least as well)")
+            how = ("is served as a black box" if isinstance(it, Opaque) else "computes its map without a gradient")
+            warnings.append(f"TRANSFER: {n} {how}; its attacks optimise the "
+                            f"{'surrogate' if isinstance(it, Opaque) else 'native twin'} {twin.name} and every "
+                            f"iterate is judged by {n}'s own map (a transfer result: a white-box attacker with "
+                            f"{n}'s gradient could do at least as well)")
     for it in interps.values():
         it.to(device)
     with torch.no_grad():
@@ -1379,7 +1381,8 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
                             t.smooth_samples)
         for name, a in summary["interpreters"].items():  # no white-box attack read this map's gradient
             how = ("query ADV² only (the map has no gradient)" if name in dep.opaque else
-                   f"transfer from the native twin {dep.transfer[name]}" if name in dep.transfer else None)
+                   f"transfer from the {'surrogate' if name.startswith('opaque:') else 'native twin'} "
+                   f"{dep.transfer[name]}" if name in dep.transfer else None)
             if how and "spoofability" in a:
                 a["lower_bound"] = how + (" and query ADV²" if "blackbox" in a and name in dep.transfer else "")
         report["targets"][key] = {
