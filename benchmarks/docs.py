@@ -486,6 +486,28 @@ def embed_spoof(args) -> list[str]:
     return out
 
 
+def embed_blackbox(args) -> list[str]:
+    """Black-box audit records side by side: per interpreter the L1 ratio to PGD of the white-box (or transfer)
+    ADV² and of the query refinement, the queries spent, and spoofability (a lower bound without a gradient)."""
+    out = ["| deployment | interpreter | images | ADV² ratio to PGD | query ADV² ratio | queries per image "
+           "(budget) | spoofability [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for rec, label, _ in args:
+        for key, tg in rec["targets"].items():
+            for name, a in tg["summary"]["interpreters"].items():
+                pgd = a["pgd"]["l1"]["mean"]
+                ratio = {k: f"{a[k]['l1']['mean'] / pgd:.2f}" if k in a and a[k]["l1"]["mean"] is not None else "–"
+                         for k in ("adv2", "blackbox")}
+                how = (f" (transfer from `{tg['transfer'][name]}`)" if name in tg.get("transfer", {})
+                       else " (white-box)") if "adv2" in a else ""
+                q = a.get("blackbox", {}).get("queries")
+                sp = a["spoofability"]
+                out.append(f"| {label or key} | `{name}` | {tg['n']} | {ratio['adv2']}{how} | {ratio['blackbox']} | "
+                           + (f"{q['spent_median']:.0f} ({tg['target'].get('queries')})" if q else "–")
+                           + f" | {sp['mean']:.0%} [{sp['ci95'][0]:.0%}–{sp['ci95'][1]:.0%}]"
+                           + (" (lower bound)" if a.get("lower_bound") else "") + " |")
+    return out
+
+
 def embed_rtsa(args) -> list[str]:
     """RTS against RTS^A (benchmarks/rts_adv.py records): mask quality, ADV²-RTS's distance to its target map
     (×: RTS^A's over RTS's) and map change under noise."""
@@ -567,7 +589,7 @@ def embed_predictions(args) -> list[str]:
     return out
 
 
-EMBEDS = {"predictions": embed_predictions, "summary": embed_summary, "rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
+EMBEDS = {"predictions": embed_predictions, "blackbox": embed_blackbox, "summary": embed_summary, "rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
           "squeeze": embed_squeeze, "ensemble": embed_ensemble}
 
 
