@@ -22,6 +22,7 @@ CHEAP = {
     "gradcampp": lambda m: build_interpreter("gradcampp", m),
     "inputxgrad": lambda m: build_interpreter("inputxgrad", m),
     "ig": lambda m: build_interpreter("ig", m, steps=4),
+    "occlusion": lambda m: build_interpreter("occlusion", m, window=7, stride=7),  # 16 windows
 }
 
 
