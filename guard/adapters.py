@@ -197,7 +197,7 @@ def build_twin(adapter: Interpreter, model) -> Interpreter | None:
     if twin == "grad:logit":
         return build_interpreter("grad", model, loss="logit")
     kw = {"layer": adapter.native.layer_name} if isinstance(adapter, GradCamAdapter) else {}
-    if twin == "occlusion":  # the same windows as the adapter's (its own when it was given some)
+    if twin == "occlusion" and isinstance(adapter, CaptumAdapter):  # the adapter's windows (its own if given)
         shape, strides = adapter.kw.get("sliding_window_shapes"), adapter.kw.get("strides")
         kw = {"pool": adapter.pool, "window": shape[-1] if shape else None,
               "stride": (strides[-1] if isinstance(strides, tuple) else strides) if strides else None}

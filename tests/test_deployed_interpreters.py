@@ -211,6 +211,7 @@ def test_opaque_serves_a_native_map_as_a_black_box(fmnist_resnet, fmnist_small):
     s = view(xg).saliency
     assert s.requires_grad and tuple(s.shape[-2:]) == op.native_size((28, 28)) == (14, 14)
     assert build_interpreter("opaque:grad", fmnist_resnet).twin is None
+    assert build_twin(build_interpreter("opaque:cam@occlusion", fmnist_resnet), fmnist_resnet).name == "occlusion"
     for bad in ("opaque:captum:Saliency", "opaque:grad@opaque:cam", "opaque:"):
         with pytest.raises(InterpreterError):
             build_interpreter(bad, fmnist_resnet)

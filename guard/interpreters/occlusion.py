@@ -10,8 +10,9 @@ with the window set to the baseline 0 (all channels), and
 — captum's ``Occlusion.attribute(x, target, sliding_window_shapes=(C, s, s), strides=(C, s/2, s/2))`` followed
 by the post-processing of ``captum:<Method>`` (|a|, max over channels, average pool 4, min–max). Window
 positions are captum's: every ``stride`` pixels until the window reaches the far side, the last one cut at
-the border. Every occluded copy of every image of the
-batch goes through the model in chunks of ``chunk`` images.
+the border. Every occluded copy of every image of the batch goes through the model in chunks of ``chunk``
+images (default: 2^18 input values per chunk on CPU — 334 images of 28×28, 1 of 224×224×3, the fastest of
+64 / 256 / 1024 / 2704 measured on 28×28 — and 2^24 on a GPU).
 
 The map is a difference of the model's own logits, so when ``x.requires_grad`` it carries an exact gradient
 (one backward through the occluded forwards; no ReLU surrogate is involved): this is the native twin through
