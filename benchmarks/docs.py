@@ -486,6 +486,27 @@ def embed_spoof(args) -> list[str]:
     return out
 
 
+def embed_defenses(args) -> list[str]:
+    """Defense comparisons of audit records, compact: per interpreter and defense the spoofability under that
+    defense's adaptive attack with its exact interval, the held-out FPR, and the map's fidelity cost."""
+    out = ["| deployment | interpreter | images | defense | spoofability under its adaptive attack [95% CI] | "
+           "held-out FPR | map L1 to the plain map |", "|---|---|---|---|---|---|---|"]
+    for rec, label, _ in args:
+        for key, tg in rec["targets"].items():
+            for name, a in tg["summary"]["interpreters"].items():
+                for r in a.get("comparison", {}).get("rows", []):
+                    if not r["applies"]:
+                        continue
+                    sp, fid = r["spoofability"], r.get("fidelity_l1")
+                    best = r["defense"] == a["comparison"].get("verdict", {}).get("best")
+                    cell = f"{sp['mean']:.0%} [{sp['ci95'][0]:.0%}–{sp['ci95'][1]:.0%}]"
+                    out.append(f"| {label or key} | {name} | {tg['n']} | {r['defense']} | "
+                               f"{f'**{cell}**' if best else cell} | "
+                               + ("–" if r.get("fpr_heldout") is None else f"{r['fpr_heldout']:.0%}") + " | "
+                               + ("–" if not fid else f"{fid['mean']:.3f}") + " |")
+    return out
+
+
 def embed_blackbox(args) -> list[str]:
     """Black-box audit records side by side: per interpreter the L1 ratio to PGD of the white-box (or transfer)
     ADV² and of the query refinement, the queries spent, and spoofability (a lower bound without a gradient)."""
@@ -589,7 +610,7 @@ def embed_predictions(args) -> list[str]:
     return out
 
 
-EMBEDS = {"predictions": embed_predictions, "blackbox": embed_blackbox, "summary": embed_summary, "rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
+EMBEDS = {"predictions": embed_predictions, "blackbox": embed_blackbox, "defenses": embed_defenses, "summary": embed_summary, "rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
           "squeeze": embed_squeeze, "ensemble": embed_ensemble}
 
 
