@@ -632,6 +632,91 @@ def embedded(text: str) -> str:
     return EMBED.sub(sub, text)
 
 
+# -- numbers quoted in prose ---------------------------------------------------------------------------------
+# A number in a hand-written sentence is written between markers naming its record, the path to it inside the
+# record ("/"-separated keys, list indices; "*" for the only key or item) and a format:
+#     GRAD's spoofability fell to <!-- v defenses_x_report.json targets/*/summary/.../rate .0% -->28%<!-- /v -->
+# The number between the markers is rewritten from the record (a format spec of Python's format(); "min" and
+# "minsec": seconds shown as whole minutes / minutes and seconds), so prose cannot drift from what was measured.
+# A record is a file of benchmarks/results/ or (name ending .pt) a bundled checkpoint's stored metadata.
+VALUE = re.compile(r"<!-- v (?P<rec>\S+) (?P<path>\S+) (?P<fmt>\S+) -->(?P<text>.*?)<!-- /v -->")
+
+
+def lookup(rec, path: str):
+    """The value at ``path`` in a record; a clear error naming the first key that is not there."""
+    node = rec
+    for i, key in enumerate(path.split("/")):
+        if key == "*":
+            items = list(node.values()) if isinstance(node, dict) else list(node)
+            if len(items) != 1:
+                raise SystemExit(f"{path}: '*' at step {i + 1} needs exactly one item, found {len(items)}")
+            node = items[0]
+        elif isinstance(node, list) and key.lstrip("-").isdigit() and -len(node) <= int(key) < len(node):
+            node = node[int(key)]
+        elif isinstance(node, dict) and key in node:
+            node = node[key]
+        else:
+            have = ", ".join(list(node)[:12]) if isinstance(node, dict) else type(node).__name__
+            raise SystemExit(f"{path}: no {key!r} at step {i + 1} (there: {have})")
+    return node
+
+
+def formatted(value, fmt: str) -> str:
+    if fmt == "min":
+        return f"{value / 60:.0f} min"
+    if fmt == "minsec":
+        m, sec = divmod(round(value), 60)
+        return f"{m} min {sec} s" if m else f"{sec} s"
+    return format(value, fmt)
+
+
+def _record(name: str) -> dict:
+    """A record of benchmarks/results/, or (a name ending .pt) a bundled checkpoint's stored metrics."""
+    if name.endswith(".pt"):
+        if not (ROOT / "guard" / "checkpoints" / name).is_file():
+            raise SystemExit(f"value marker names a checkpoint that does not exist: guard/checkpoints/{name}")
+        return _checkpoint(name)
+    if not (RESULTS / name).is_file():
+        raise SystemExit(f"value marker names a record that does not exist: benchmarks/results/{name}")
+    return _json(RESULTS / name)
+
+
+def quoted(text: str) -> str:
+    """``text`` with every number between value markers rewritten from its record."""
+    cache: dict[str, dict] = {}
+
+    def sub(m: re.Match) -> str:
+        if m["rec"] not in cache:
+            cache[m["rec"]] = _record(m["rec"])
+        value = formatted(lookup(cache[m["rec"]], m["path"]), m["fmt"])
+        return m.group(0)[: m.start("text") - m.start()] + value + "<!-- /v -->"
+    return VALUE.sub(sub, text)
+
+
+def find(rec_name: str, shown: str) -> list[str]:
+    """Paths in a record whose value is shown as ``shown`` by some usual format (to write a value marker)."""
+    fmts = (".0%", ".1%", ".2f", ".3f", ".0f", ".1f", ".2g", "d", "min", "minsec")
+    hits = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k != "records":  # per-input values, never quoted
+                    walk(v, f"{path}/{k}" if path else str(k))
+        elif isinstance(node, list) and len(node) <= 10:  # not the per-input lists
+            for i, v in enumerate(node):
+                walk(v, f"{path}/{i}" if path else str(i))
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            for f in fmts:
+                try:
+                    if formatted(node, f) == shown:
+                        hits.append(f"{path} {f}")
+                except (ValueError, TypeError):
+                    pass
+    walk(_record(rec_name), "")
+    return hits
+
+
 def _machine(rec: dict) -> str:
     if "floor_s" in rec:  # a step-cost record
         return f"{rec['device']}, torch {rec['torch']}, {rec['date']}, floor {rec['floor_s'] * 1e3:.1f} ms"
@@ -668,7 +753,12 @@ def page(name: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 when a page differs from its records")
+    ap.add_argument("--find", nargs=2, metavar=("RECORD", "SHOWN"),
+                    help="print the paths in benchmarks/results/RECORD whose value is shown as SHOWN (e.g. 28%%)")
     args = ap.parse_args()
+    if args.find:
+        print("\n".join(find(*args.find)) or "no value of that record is shown that way")
+        return 0
     stale = []
     for name in PAGES:
         path, text = ROOT / "docs" / name, page(name)
@@ -681,7 +771,7 @@ def main() -> int:
         print(f"wrote docs/{name} from {len(list(RESULTS.glob(PAGES[name][0])))} records")
     for path in hand_written():  # the generated tables inside hand-written pages
         text = path.read_text()
-        new = embedded(text)
+        new = quoted(embedded(text))
         if new != text:
             if args.check:
                 stale.append(str(path.relative_to(ROOT)))

@@ -392,6 +392,36 @@ def test_generated_tables_inside_hand_written_pages_follow_their_records():
         d.embedded("<!-- generated: nonsense | fmnist_resnet_benign.json -->\n<!-- end generated -->")
 
 
+def test_numbers_quoted_in_prose_follow_their_records():
+    """A value marker's number is rewritten from its record (stale text replaced, idempotent); a wrong path or
+    record is an error naming it; the suite-time record parses pytest's summary line."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    d = {}
+    for name in ("docs", "suite_time"):
+        spec = importlib.util.spec_from_file_location(f"{name}_gen", root / "benchmarks" / f"{name}.py")
+        d[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(d[name])
+    docs = d["docs"]
+    rec = json.loads((docs.RESULTS / "default_report.json").read_text())
+    page = "took <!-- v default_report.json seconds .1f -->999<!-- /v --> s, top-1 " \
+           "<!-- v fmnist_resnet.pt metrics/test_top1 .1% -->1%<!-- /v -->."
+    out = docs.quoted(page)
+    assert f"-->{rec['seconds']:.1f}<!-- /v --> s" in out and "999" not in out and docs.quoted(out) == out
+    assert "-->1%<" not in out
+    with pytest.raises(SystemExit, match="no 'nope'"):
+        docs.quoted("<!-- v default_report.json targets/nope .0% -->1<!-- /v -->")
+    with pytest.raises(SystemExit, match="does not exist"):
+        docs.quoted("<!-- v missing.json seconds .0f -->1<!-- /v -->")
+    assert docs.formatted(629.4, "minsec") == "10 min 29 s"
+    assert any(p.startswith("seconds ") for p in docs.find("default_report.json", f"{rec['seconds']:.1f}"))
+    s = d["suite_time"].summary("x\n==== 319 passed, 2 skipped, 1 failed in 629.12s (0:10:29) ====\n")
+    assert s == {"passed": 319, "skipped": 2, "failed": 1, "seconds_tests": 629.12}
+    assert d["suite_time"].summary("no pytest here") == {}
+
+
 def test_a_map_defense_combined_with_a_detector(tmp_path):
     """smooth+squeeze: the smoothed map's EOT attack carries the squeezing hinge, a spoof must be within the
     smoothed map's τ AND undetected (recounted here from the per-sample records), its cost adds both parts, its
