@@ -131,8 +131,11 @@ def _fit(interp: RTS, dataset, cfg: RTSConfig, device, progress, loss: Callable 
 
 
 @torch.no_grad()
-def rts_quality(interp, dataset: TensorDataset, batch_size: int = 250, limit: int | None = None) -> dict:
-    """Clean accuracy, accuracy on the preserved and on the destroyed input, and mean mask area.
+def rts_quality(interp, dataset: TensorDataset, batch_size: int = 250, limit: int | None = None,
+                per_class: bool = False) -> dict:
+    """Clean accuracy, accuracy on the preserved and on the destroyed input, and mean mask area; with
+    ``per_class`` also, per true class, the mean mask area and the accuracy on the wholly blurred input (what
+    a mask can at most destroy).
 
     Works for any interpreter whose saliency says where the evidence is (higher = keep).
     """
@@ -142,6 +145,7 @@ def rts_quality(interp, dataset: TensorDataset, batch_size: int = 250, limit: in
     dev = next(interp.model.parameters()).device
     n = clean = kept = destroyed = 0
     area = 0.0
+    classes: dict[int, list[float]] = {}  # class → [count, area sum, correct on the blurred input]
     for i in range(0, len(x_all), batch_size):
         x, y = x_all[i:i + batch_size].to(dev), y_all[i:i + batch_size].to(dev)
         e = interp(x, y)
@@ -149,7 +153,20 @@ def rts_quality(interp, dataset: TensorDataset, batch_size: int = 250, limit: in
         clean += int((e.logits.argmax(1) == y).sum())
         kept += int((interp.model(perturb(x, m, keep=True)).argmax(1) == y).sum())
         destroyed += int((interp.model(perturb(x, m, keep=False)).argmax(1) == y).sum())
-        area += float(F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False).mean((1, 2, 3)).sum())
+        areas = F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False).mean((1, 2, 3))
+        area += float(areas.sum())
         n += len(y)
-    return {"n": n, "clean_acc": clean / n, "preserved_acc": kept / n, "destroyed_acc": destroyed / n,
-            "area": area / n}
+        if per_class:
+            blurred = interp.model(perturb(x, torch.zeros_like(m), keep=True)).argmax(1) == y
+            for c in y.unique().tolist():
+                sel = y == c
+                acc = classes.setdefault(int(c), [0, 0.0, 0])
+                acc[0] += int(sel.sum())
+                acc[1] += float(areas[sel].sum())
+                acc[2] += int(blurred[sel].sum())
+    out = {"n": n, "clean_acc": clean / n, "preserved_acc": kept / n, "destroyed_acc": destroyed / n,
+           "area": area / n}
+    if per_class:
+        out["per_class"] = {str(c): {"n": k, "area": a / k, "blurred_acc": b / k}
+                            for c, (k, a, b) in sorted(classes.items())}
+    return out
