@@ -634,7 +634,7 @@ def embedded(text: str) -> str:
 
 # -- numbers quoted in prose ---------------------------------------------------------------------------------
 # A number in a hand-written sentence is written between markers naming its record, the path to it inside the
-# record ("/"-separated keys, list indices; "*" for the only key or item) and a format:
+# record ("/"-separated keys, list indices; "*" for the only key or item; "a÷b" for the ratio of two) and a format:
 #     GRAD's spoofability fell to <!-- v defenses_x_report.json targets/*/summary/.../rate .0% -->28%<!-- /v -->
 # The number between the markers is rewritten from the record (a format spec of Python's format(); "min" and
 # "minsec": seconds shown as whole minutes / minutes and seconds), so prose cannot drift from what was measured.
@@ -688,7 +688,9 @@ def quoted(text: str) -> str:
     def sub(m: re.Match) -> str:
         if m["rec"] not in cache:
             cache[m["rec"]] = _record(m["rec"])
-        value = formatted(lookup(cache[m["rec"]], m["path"]), m["fmt"])
+        num, _, den = m["path"].partition("÷")  # "a÷b" quotes the ratio of two values of the record
+        value = lookup(cache[m["rec"]], num)
+        value = formatted(value / lookup(cache[m["rec"]], den) if den else value, m["fmt"])
         return m.group(0)[: m.start("text") - m.start()] + value + "<!-- /v -->"
     return VALUE.sub(sub, text)
 
