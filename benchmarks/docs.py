@@ -290,11 +290,16 @@ def _pooled(files: str) -> dict:
 
 
 def _args(spec: str) -> tuple[str, list[tuple[dict, str | None, str]]]:
+    """KIND | rec.json | a.json+b.json = label | rec.json#mask = label (#: only that interpreter's rows)."""
     kind, *rest = [a.strip() for a in spec.split("|")]
     out = []
     for a in rest:
         files, _, label = a.partition("=")
-        out.append((_pooled(files), label.strip() or None, files.strip()))
+        files, _, only = files.strip().partition("#")
+        rec = _pooled(files)
+        if only:
+            rec = {**rec, "rows": {only: rec["rows"][only]}}
+        out.append((rec, label.strip() or None, files.strip()))
     return kind, out
 
 
@@ -638,7 +643,8 @@ def embedded(text: str) -> str:
 #     GRAD's spoofability fell to <!-- v defenses_x_report.json targets/*/summary/.../rate .0% -->28%<!-- /v -->
 # The number between the markers is rewritten from the record (a format spec of Python's format(); "min" and
 # "minsec": seconds shown as whole minutes / minutes and seconds), so prose cannot drift from what was measured.
-# A record is a file of benchmarks/results/ or (name ending .pt) a bundled checkpoint's stored metadata.
+# A record is a file of benchmarks/results/ (shards joined by "+" are pooled) or (name ending .pt) a bundled
+# checkpoint's stored metadata.
 VALUE = re.compile(r"<!-- v (?P<rec>\S+) (?P<path>\S+) (?P<fmt>\S+) -->(?P<text>.*?)<!-- /v -->")
 
 
@@ -672,6 +678,8 @@ def formatted(value, fmt: str) -> str:
 
 def _record(name: str) -> dict:
     """A record of benchmarks/results/, or (a name ending .pt) a bundled checkpoint's stored metrics."""
+    if "+" in name:  # shards of one run, pooled by image count
+        return _pooled(name)
     if name.endswith(".pt"):
         if not (ROOT / "guard" / "checkpoints" / name).is_file():
             raise SystemExit(f"value marker names a checkpoint that does not exist: guard/checkpoints/{name}")
