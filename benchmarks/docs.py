@@ -512,6 +512,47 @@ def embed_defenses(args) -> list[str]:
     return out
 
 
+def embed_comparison(args) -> list[str]:
+    """One defense comparison merged from several records of the same deployment and images (each record runs
+    some of the defenses, all under their own adaptive attacks): per interpreter every defense's row with all
+    its columns, and the verdict recomputed over the merged rows. The undefended row comes from the first
+    record; records whose undefended spoofability differs from it are named under the table."""
+    from audit.defenses import verdict
+
+    (first, _, _), out = args[0], []
+    fpr = first["config"]["fpr"]
+    for key, tg in first["targets"].items():
+        for name in tg["summary"]["interpreters"]:
+            rows, notes = [], []
+            for rec, _, src in args:
+                other = rec["targets"].get(key)
+                if other is None or other["n"] != tg["n"] or other["eps_255"] != tg["eps_255"]:
+                    raise SystemExit(f"comparison: {src} does not audit {key} on the same {tg['n']} inputs at "
+                                     f"ε = {tg['eps_255']:g}/255")
+                cmp = other["summary"]["interpreters"].get(name, {}).get("comparison")
+                if not cmp:
+                    continue
+                base, more = cmp["rows"][0], [r for r in cmp["rows"][1:] if r["defense"] not in
+                                              {x["defense"] for x in rows}]
+                if not rows:
+                    rows.append(base)
+                elif base["spoofability"] != rows[0]["spoofability"]:
+                    notes.append(f"{src}: undefended {_rate(base['spoofability'])}")
+                rows.extend(more)
+            if not rows:
+                continue
+            out.append(f"**{name.upper()}** ({key}, {tg['n']} inputs, ε = {tg['eps_255']:g}/255)\n")
+            out.append("| " + " | ".join(HEAD) + " |")
+            out.append("|" + "---|" * len(HEAD))
+            for cells in comparison_rows({"rows": rows}):
+                out.append("| " + " | ".join(c or " " for c in cells) + " |")
+            out.append(f"\n**Verdict** (over every row): {verdict(rows, fpr)['text']}.")
+            if notes:
+                out.append("\nThe undefended row is the first record's; the others measured: " + "; ".join(notes) + ".")
+            out.append("")
+    return out
+
+
 def embed_blackbox(args) -> list[str]:
     """Black-box audit records side by side: per interpreter the L1 ratio to PGD of the white-box (or transfer)
     ADV² and of the query refinement, the queries spent, and spoofability (a lower bound without a gradient)."""
@@ -615,7 +656,7 @@ def embed_predictions(args) -> list[str]:
     return out
 
 
-EMBEDS = {"predictions": embed_predictions, "blackbox": embed_blackbox, "defenses": embed_defenses, "summary": embed_summary, "rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
+EMBEDS = {"comparison": embed_comparison, "predictions": embed_predictions, "blackbox": embed_blackbox, "defenses": embed_defenses, "summary": embed_summary, "rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
           "squeeze": embed_squeeze, "ensemble": embed_ensemble}
 
 

@@ -422,6 +422,34 @@ def test_numbers_quoted_in_prose_follow_their_records():
     assert d["suite_time"].summary("no pytest here") == {}
 
 
+def test_a_comparison_merged_from_several_records():
+    """The `comparison` table merges the defenses of records of the same deployment and images (first record's
+    undefended row, every other defense once), recomputes the verdict over all rows, names a record whose
+    undefended rate differs, and refuses records of other inputs."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("docs_gen", root / "benchmarks" / "docs.py")
+    d = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(d)
+    a, b = "defenses_fmnist_resnet_combined_report.json", "defenses_fmnist_resnet_report.json"
+    out = d.embedded(f"<!-- generated: comparison | {a} | {b} -->\n<!-- end generated -->")
+    grad = out[out.index("**GRAD**"):out.index("**CAM**")]
+    rows = [ln.split(" | ")[0].strip("| ") for ln in grad.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert rows[0] == "none" and len(rows) == len(set(rows))
+    assert {"squeeze", "smooth", "smooth+squeeze", "ensemble-norm", "stability", "learned", "beta"} <= set(rows)
+    assert "smooth+squeeze lowers spoofability" in grad  # the best of the merged rows, from the first record
+    rec_b = json.loads((d.RESULTS / b).read_text())
+    cam_b = rec_b["targets"]["fmnist_resnet@fashion-mnist"]["summary"]["interpreters"]["cam"]["spoofability"]
+    rec_a = json.loads((d.RESULTS / a).read_text())
+    cam_a = rec_a["targets"]["fmnist_resnet@fashion-mnist"]["summary"]["interpreters"]["cam"]["spoofability"]
+    assert (f"{b}: undefended" in out) == (cam_a != cam_b)
+    with pytest.raises(SystemExit, match="same 48 inputs"):
+        d.embedded(f"<!-- generated: comparison | {a} | defenses_fmnist_resnet_combined_200_report.json -->\n"
+                   "<!-- end generated -->")
+
+
 def test_a_map_defense_combined_with_a_detector(tmp_path):
     """smooth+squeeze: the smoothed map's EOT attack carries the squeezing hinge, a spoof must be within the
     smoothed map's τ AND undetected (recounted here from the per-sample records), its cost adds both parts, its
