@@ -99,8 +99,9 @@ class AuditRefused(AuditError):
 
 
 SPOOF_DEFINITION = (
-    "spoofability(g) = fraction of audited inputs where ADV² against g reaches c_t (argmax on the 8-bit image) "
-    "and L1(g(x_adv), g(x)) <= tau_g; tau_g = 95th percentile of L1(g(x | y), g(x + u | y)), the map of the "
+    "spoofability(g) = fraction of audited inputs where some attack on the undefended map of g (ADV², ADV² by "
+    "queries, or an adaptive ADV² built against a detector, since a detector leaves the map unchanged) reaches "
+    "c_t (argmax on the 8-bit image) and L1(g(x_adv), g(x)) <= tau_g; tau_g = 95th percentile of L1(g(x | y), g(x + u | y)), the map of the "
     "benign class y for both, pooled over the audited inputs and noise_draws draws per input of "
     "u ~ U[-a, a] quantised to 8 bits, a = eps/2 unless set (random noise of half the attack's budget); its "
     "stability is a bootstrap interval over inputs. Under a defense the adaptive ADV² must also not be detected. "
@@ -980,7 +981,7 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
             c = torch.tensor(per["certified"], dtype=torch.float64)  # (N, len(RADII))
             a_int["certified"] = {"radii": list(RADII), "mean": c.mean(0).tolist(), "k": CERT_K,
                                   "samples": CERT_SAMPLES, "alpha": 0.05}
-        spoofed = {}
+        spoofed = spoofed_inputs(per, tau)
         for atk, rec in per.items():
             if atk in ("noise_l1", "certified"):
                 continue
@@ -1000,7 +1001,7 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
             if "queries" in rec:  # transfer and black-box ADV²: what the attacker spent reading the real map
                 row["queries"] = query_stats(rec, close, tau)
             if atk in UNDEFENDED:
-                spoofed[atk] = close
+                pass
             elif atk == "pgd":
                 a_int["pgd_within_tau"] = rate(sum(close), len(ok))
             elif atk.startswith("adaptive-"):
@@ -1035,7 +1036,7 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
                     a_int["defense_info"][d]["certified"] = {"radii": list(RADII), "mean": c.mean(0).tolist(),
                                                             "k": CERT_K, "samples": CERT_SAMPLES, "alpha": 0.05}
             a_int[atk] = row
-        if spoofed:  # an input is spoofed when any attack on the undefended map spoofed it
+        if spoofed:  # an input is spoofed when any attack on the undefended map (ADV², by queries, vs a detector) did
             a_int["spoofability"] = rate(sum(map(any, zip(*spoofed.values()))), len(next(iter(spoofed.values()))))
             if len(spoofed) > 1:
                 a_int["spoofability_by"] = {atk: rate(sum(c), len(c)) for atk, c in spoofed.items()}
@@ -1049,7 +1050,15 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
     return {"interpreters": agg, "transfer": transfer}
 
 
-UNDEFENDED = ("adv2", "blackbox")  # the attacks on the undefended map behind spoofability
+UNDEFENDED = ("adv2", "blackbox")  # the plain attacks on the undefended map (adaptive-* ones count too)
+
+
+def spoofed_inputs(per: dict, tau: float) -> dict[str, list[bool]]:
+    """Per attack on the undefended map — ADV², ADV² by queries, and every adaptive ADV² against a detector (a
+    detector leaves the map as it is) — which audited inputs it spoofed: c_t reached, map within ``tau``.
+    An input is spoofed when any of them did (detection does not matter here: it is the undefended system)."""
+    return {atk: [bool(s) and d <= tau for s, d in zip(rec["success"], rec["l1"])]
+            for atk, rec in per.items() if atk in UNDEFENDED or atk.startswith("adaptive-")}
 
 
 def _detector_stats(info: dict, rec: dict, d: str, succ: list[int]) -> dict:
@@ -1319,6 +1328,35 @@ def _run_batches(cfg: AuditConfig, t: Target, dep: Deployment, dets: dict, journ
             progress.advance()
 
 
+def _det_info(calibration: dict, decision: str, cost: dict) -> dict:
+    """What :func:`aggregate` needs of a detector: its decision's held-out FPR, held-out scores and cost."""
+    return {"fpr_heldout": calibration.get("fpr_heldout", {}).get(decision),
+            "n_heldout": calibration.get("n_heldout", 0),
+            "heldout_scores": calibration.get("heldout_scores", []), "cost": cost}
+
+
+def reaggregate(report: dict) -> dict:
+    """A saved report with its summaries, statuses and headline recomputed from its per-sample records by this
+    version's :func:`aggregate` (e.g. after a definition changed); the attacks are not re-run. Lower-bound notes
+    (transfer / query-only interpreters) carry over."""
+    if report.get("schema_version") != SCHEMA_VERSION:
+        raise AuditError(f"report of schema version {report.get('schema_version')}: its records cannot be "
+                         f"re-aggregated by this version (schema {SCHEMA_VERSION}); re-run the audit")
+    cfg = report["config"]
+    for tg in report["targets"].values():
+        t, dets = tg["target"], tg["detectors"]
+        summary = aggregate(tg["records"], {d: v["decision"] for d, v in dets.items()}, cfg["bootstrap"],
+                            cfg["seed"], {d: _det_info(v["calibration"], v["decision"], v.get("cost"))
+                                          for d, v in dets.items()},
+                            t.get("defenses") or [], cfg["fpr"], t.get("smooth_samples", 8))
+        for name, a in summary["interpreters"].items():
+            if lb := tg["summary"]["interpreters"].get(name, {}).get("lower_bound"):
+                a["lower_bound"] = lb
+        tg["summary"], tg["status"] = summary, target_status(summary, cfg["min_pgd_asr"])
+    report["headline"] = headline(report["targets"])
+    return report
+
+
 def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: Progress | None = None) -> dict | None:
     """Run the audit; returns the report dict on rank 0 (None on other ranks). Writes nothing but journals.
 
@@ -1373,10 +1411,7 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
             raise AuditError(f"journal of {key} is missing batches after the run; run again with --resume")
         records = merge_batches(batches)
         decisions = {d: det.decision for d, det in dets.items()}
-        det_info = {d: {"fpr_heldout": det.calibration.get("fpr_heldout", {}).get(det.decision),
-                        "n_heldout": det.calibration.get("n_heldout", 0),
-                        "heldout_scores": det.calibration.get("heldout_scores", []), "cost": detector_cost(det)}
-                    for d, det in dets.items()}
+        det_info = {d: _det_info(det.calibration, det.decision, detector_cost(det)) for d, det in dets.items()}
         summary = aggregate(records, decisions, cfg.bootstrap, cfg.seed, det_info, t.defenses, cfg.fpr,
                             t.smooth_samples)
         for name, a in summary["interpreters"].items():  # no white-box attack read this map's gradient

@@ -513,43 +513,46 @@ def embed_defenses(args) -> list[str]:
 
 
 def embed_comparison(args) -> list[str]:
-    """One defense comparison merged from several records of the same deployment and images (each record runs
-    some of the defenses, all under their own adaptive attacks): per interpreter every defense's row with all
-    its columns, and the verdict recomputed over the merged rows. The undefended row comes from the first
-    record; records whose undefended spoofability differs from it are named under the table."""
+    """One defense comparison merged from several records of the same deployment and inputs (same model and
+    data fingerprints, n and ε; each record runs some of the defenses, all under their own adaptive attacks):
+    per interpreter every defense's row with all its columns, the undefended row the union of every record's
+    attacks on the undefended map (an input spoofed by any of them is spoofed), and the verdict recomputed over
+    the merged rows."""
     from audit.defenses import verdict
+    from audit.metrics import rate
+    from audit.runner import spoofed_inputs
 
     (first, _, _), out = args[0], []
     fpr = first["config"]["fpr"]
     for key, tg in first["targets"].items():
         for name in tg["summary"]["interpreters"]:
-            rows, notes = [], []
+            rows, union = [], None
             for rec, _, src in args:
                 other = rec["targets"].get(key)
-                if other is None or other["n"] != tg["n"] or other["eps_255"] != tg["eps_255"]:
+                if other is None or (other["n"], other["eps_255"], other["fingerprint"]) != (
+                        tg["n"], tg["eps_255"], tg["fingerprint"]):
                     raise SystemExit(f"comparison: {src} does not audit {key} on the same {tg['n']} inputs at "
-                                     f"ε = {tg['eps_255']:g}/255")
-                cmp = other["summary"]["interpreters"].get(name, {}).get("comparison")
-                if not cmp:
+                                     f"ε = {tg['eps_255']:g}/255 (model and data fingerprints must match)")
+                a = other["summary"]["interpreters"].get(name, {})
+                if "comparison" not in a:
                     continue
-                base, more = cmp["rows"][0], [r for r in cmp["rows"][1:] if r["defense"] not in
-                                              {x["defense"] for x in rows}]
-                if not rows:
-                    rows.append(base)
-                elif base["spoofability"] != rows[0]["spoofability"]:
-                    notes.append(f"{src}: undefended {_rate(base['spoofability'])}")
-                rows.extend(more)
+                spoofed = spoofed_inputs(other["records"]["interpreters"][name], a["tau"])
+                mine = [any(v) for v in zip(*spoofed.values())]
+                union = mine if union is None else [u or m for u, m in zip(union, mine)]
+                seen = {r["defense"] for r in rows}
+                rows.extend(r for r in a["comparison"]["rows"][bool(rows):] if r["defense"] not in seen)
             if not rows:
                 continue
+            rows[0] = {**rows[0], "spoofability": rate(sum(union), len(union))}
             out.append(f"**{name.upper()}** ({key}, {tg['n']} inputs, ε = {tg['eps_255']:g}/255)\n")
             out.append("| " + " | ".join(HEAD) + " |")
             out.append("|" + "---|" * len(HEAD))
             for cells in comparison_rows({"rows": rows}):
                 out.append("| " + " | ".join(c or " " for c in cells) + " |")
-            out.append(f"\n**Verdict** (over every row): {verdict(rows, fpr)['text']}.")
-            if notes:
-                out.append("\nThe undefended row is the first record's; the others measured: " + "; ".join(notes) + ".")
-            out.append("")
+            out.append(f"\n**Verdict** (over every row): {verdict(rows, fpr)['text']}.\n")
+    out.append("The undefended row counts an input as spoofed when any attack on the undefended map in any of the "
+               "records spoofed it (plain ADV², and each adaptive ADV² against a detector, which leaves the map as "
+               "it is).")
     return out
 
 

@@ -422,10 +422,34 @@ def test_numbers_quoted_in_prose_follow_their_records():
     assert d["suite_time"].summary("no pytest here") == {}
 
 
+def test_undefended_spoofability_counts_every_attack_on_the_undefended_map():
+    """A detector leaves the map as it is, so an input its adaptive ADV² spoofed (c_t, map within τ) is spoofed
+    on the undefended deployment too: the undefended rate is the union over ADV² and every adaptive ADV², never
+    below a detector's row; re-aggregating a saved record reproduces everything else of its summary."""
+    import copy
+    from pathlib import Path
+
+    from audit.runner import reaggregate
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "defenses_fmnist_resnet_report.json"
+    saved = json.loads(path.read_text())
+    again = reaggregate(copy.deepcopy(saved))
+    for name, a in again["targets"]["fmnist_resnet@fashion-mnist"]["summary"]["interpreters"].items():
+        per, tau = saved["targets"]["fmnist_resnet@fashion-mnist"]["records"]["interpreters"][name], a["tau"]
+        attacks = [k for k in per if k == "adv2" or k.startswith("adaptive-")]
+        assert any(k.startswith("adaptive-") for k in attacks)
+        union = [any(per[k]["success"][i] and per[k]["l1"][i] <= tau for k in attacks) for i in range(48)]
+        assert a["spoofability"]["k"] == sum(union)
+        for d in ("squeeze", "ensemble-norm", "stability", "learned"):
+            assert a[f"spoofability_{d}"]["k"] <= a["spoofability"]["k"]
+        old = saved["targets"]["fmnist_resnet@fashion-mnist"]["summary"]["interpreters"][name]
+        assert a["adv2"] == old["adv2"] and a["tau"] == old["tau"]
+
+
 def test_a_comparison_merged_from_several_records():
-    """The `comparison` table merges the defenses of records of the same deployment and images (first record's
-    undefended row, every other defense once), recomputes the verdict over all rows, names a record whose
-    undefended rate differs, and refuses records of other inputs."""
+    """The `comparison` table merges the defenses of records of the same deployment and images (every defense
+    once; undefended = any record's attack on the undefended map spoofed the input), recomputes the verdict
+    over all rows, and refuses records of other inputs."""
     import importlib.util
     from pathlib import Path
 
@@ -440,11 +464,15 @@ def test_a_comparison_merged_from_several_records():
     assert rows[0] == "none" and len(rows) == len(set(rows))
     assert {"squeeze", "smooth", "smooth+squeeze", "ensemble-norm", "stability", "learned", "beta"} <= set(rows)
     assert "smooth+squeeze lowers spoofability" in grad  # the best of the merged rows, from the first record
-    rec_b = json.loads((d.RESULTS / b).read_text())
-    cam_b = rec_b["targets"]["fmnist_resnet@fashion-mnist"]["summary"]["interpreters"]["cam"]["spoofability"]
-    rec_a = json.loads((d.RESULTS / a).read_text())
-    cam_a = rec_a["targets"]["fmnist_resnet@fashion-mnist"]["summary"]["interpreters"]["cam"]["spoofability"]
-    assert (f"{b}: undefended" in out) == (cam_a != cam_b)
+    from audit.runner import spoofed_inputs
+
+    cam = [json.loads((d.RESULTS / f).read_text())["targets"]["fmnist_resnet@fashion-mnist"] for f in (a, b)]
+    per = [spoofed_inputs(t["records"]["interpreters"]["cam"], t["summary"]["interpreters"]["cam"]["tau"]) for t in cam]
+    union = [any(any(s[i] for s in p.values()) for p in per) for i in range(48)]
+    k = sum(union)
+    assert k >= max(t["summary"]["interpreters"]["cam"]["spoofability"]["k"] for t in cam)
+    cam_table = out[out.index("**CAM**"):]
+    assert f"| none | {k / 48:.0%} [" in cam_table  # the undefended row is the union over both records
     with pytest.raises(SystemExit, match="same 48 inputs"):
         d.embedded(f"<!-- generated: comparison | {a} | defenses_fmnist_resnet_combined_200_report.json -->\n"
                    "<!-- end generated -->")
