@@ -532,7 +532,7 @@ def render_html(report: dict) -> str:
                      f"<td>{_rate(a.get('pgd_within_tau'))}</td>"
                      + "".join(f"<td>{_rate(a.get('spoofability_' + d))}</td>" for d in shown) + "</tr>"
                      for n, a in tg["summary"]["interpreters"].items())
-        parts.append("<h3>Spoofability</h3><table><tr><th>interpreter</th><th>undefended (ADV²)</th>"
+        parts.append("<h3>Spoofability</h3><table><tr><th>interpreter</th><th>undefended (any attack on its map)</th>"
                      "<th>noise level τ [bootstrap 95% CI]</th><th>PGD within τ (reference)</th>" + "".join(f"<th>under {d} (adaptive ADV²)</th>" for d in shown)
                      + f"</tr>{sp}</table>")
         for n, a in tg["summary"]["interpreters"].items():

@@ -1354,6 +1354,7 @@ def reaggregate(report: dict) -> dict:
                 a["lower_bound"] = lb
         tg["summary"], tg["status"] = summary, target_status(summary, cfg["min_pgd_asr"])
     report["headline"] = headline(report["targets"])
+    report.setdefault("definitions", {})["spoofability"] = SPOOF_DEFINITION
     return report
 
 

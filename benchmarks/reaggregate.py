@@ -32,14 +32,17 @@ def main() -> int:
     for path in args.records:
         text = path.read_text()
         report = json.loads(text)
-        before = json.dumps({k: (t["summary"], t.get("status")) for k, t in report.get("targets", {}).items()}, sort_keys=True)
+        def state(r: dict) -> str:
+            return json.dumps([r.get("definitions"), {k: (t["summary"], t.get("status"))
+                                                      for k, t in r.get("targets", {}).items()}], sort_keys=True)
+        before = state(report)
         try:
             reaggregate(report)
         except AuditError as e:
             print(f"{path}: {e}", file=sys.stderr)
             failed += 1
             continue
-        if json.dumps({k: (t["summary"], t.get("status")) for k, t in report["targets"].items()}, sort_keys=True) == before:
+        if state(report) == before:
             print(f"{path}: unchanged")
             continue
         report["reaggregated"] = {"underfire": version("underfire"), "git": git,
