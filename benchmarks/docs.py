@@ -7,7 +7,9 @@ Pages (PAGES): docs/adv2.md from ``adv2_*_report.json`` (benchmarks/adv2_tables.
 interpreter, the transfer matrix), docs/defenses.md from ``defenses_*_report.json`` (each defense under its own adaptive attack),
 docs/blackbox.md from ``blackbox_*_report.json`` (transfer and query ADV² beside white-box ADV²). Each record
 is an ``underfire audit`` report (config, machine and date inside); every table names its record, config and
-machine. Nothing in the tables is typed by hand.
+machine. Nothing in the tables is typed by hand. Hand-written pages (README.md, the rest of docs/) carry
+generated tables between ``<!-- generated: KIND | records -->`` markers and numbers in sentences between
+``<!-- v record path format -->`` value markers (below); ``--find RECORD SHOWN`` lists the paths of a value.
 """
 
 from __future__ import annotations
