@@ -1000,9 +1000,7 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
             close = [bool(s) and d <= tau for s, d in zip(ok, rec["l1"])]
             if "queries" in rec:  # transfer and black-box ADV²: what the attacker spent reading the real map
                 row["queries"] = query_stats(rec, close, tau)
-            if atk in UNDEFENDED:
-                pass
-            elif atk == "pgd":
+            if atk == "pgd":  # (ADV² and query ADV² need no branch: spoofed_inputs counts them)
                 a_int["pgd_within_tau"] = rate(sum(close), len(ok))
             elif atk.startswith("adaptive-"):
                 d = atk.split("-", 1)[1]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -60,7 +59,7 @@ def main() -> None:
             "kind": "noise_floor", "model": a.model, "interpreter": a.interpreter, "n": len(x), "seed": a.seed,
             "l1_by_noise_255": floor, "machine": f"cpu ({platform.machine()}), {a.threads} thread(s)",
             "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "command": "python benchmarks/grad_noise_floor.py " + " ".join(os.sys.argv[1:])}, indent=1) + "\n")
+            "command": "python benchmarks/grad_noise_floor.py " + " ".join(sys.argv[1:])}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
