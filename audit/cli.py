@@ -296,7 +296,7 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
 # audit, reproduce, detect
 # ------------------------------------------------------------------------------------------------------------
 TARGET_FLAGS = ("model", "weights", "interpreters", "data", "n", "eps", "attacks", "defenses", "schedule", "shorten",
-                "queries", "threat_model",
+                "queries", "threat_model", "attack_samples",
                 "outputs")
 
 
@@ -446,6 +446,9 @@ def _audit_options(fn):
         click.option("--attacks", help="Comma list of pgd,adv2,stadv2,adaptive,blackbox (blackbox: ADV² by queries "
                                        "of the map, also run by itself on interpreters without a gradient)."),
         click.option("--queries", type=int, help="Query budget per image of black-box ADV² (default 2000)."),
+        click.option("--attack-samples", type=int,
+                     help="ADV² against ig / smoothgrad optimises an estimate from this many of its path points / "
+                          "noisy copies, fresh every step (cheaper; judged by the deployed map). Default: all."),
         click.option("--threat-model", type=click.Choice(["graybox", "blackbox"]),
                      help="Black-box ADV²: graybox (classifier gradients, map by queries; default) or blackbox."),
         click.option("--defenses", help="Comma list of squeeze, ensemble, ensemble-norm, stability, learned, smooth, beta, rtsa, a map defense with a detector (smooth+squeeze), or all (empty string: none)."),

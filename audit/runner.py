@@ -145,6 +145,10 @@ class Target:
     # keyword options of every ADV² of this target (attacks/adv2.py Adv2 / MaskAdv2), e.g. {lam_scale = 10}:
     # tuning runs (benchmarks/adv2_tables.py --adv2 key=value); None: the paper's preset for each interpreter
     adv2_options: dict | None = None
+    # ADV² and adaptive ADV² against an interpreter that averages over samples (ig's path points, smoothgrad's
+    # noisy copies) optimise an estimate from this many of them, drawn afresh every step (as EOT does); every
+    # iterate is still judged by the deployed map. None: the attacker differentiates the whole map.
+    attack_samples: int | None = None
 
     def key(self) -> str:
         if self.label:
@@ -262,6 +266,8 @@ def _validate_target(t: Target) -> None:
                              f"(MASK counts only when named in ensemble_members)")
     if not 0 < t.smooth_sigma <= 1:
         raise AuditError(f"{where}: smooth_sigma is a noise σ on [0, 1] images, in (0, 1], got {t.smooth_sigma}")
+    if t.attack_samples is not None and t.attack_samples < 1:
+        raise AuditError(f"{where}: attack_samples must be at least 1 (or unset), got {t.attack_samples}")
     if not 0 < t.beta <= 100:
         raise AuditError(f"{where}: beta (softplus-β) must be in (0, 100], got {t.beta}")
     for group in (t.ensemble_members or [], t.adaptive_interpreters or [], t.adv2_interpreters or [],
@@ -362,6 +368,7 @@ class Deployment:
     defended: dict = field(default_factory=dict)  # map defense → {interpreter: its defended interpreter}
     transfer: dict = field(default_factory=dict)  # adapter name → the native twin its attacks optimise
     opaque: set = field(default_factory=set)  # interpreters without a gradient to the input: attacked by queries
+    views: dict = field(default_factory=dict)  # name → the attacker's sampled view of its map (attack_samples)
 
     @property
     def attack_kw(self) -> dict:
@@ -631,9 +638,16 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
             if not defended[d]:
                 warnings.append(f"the {d} defense applies to none of the adaptively attacked interpreters "
                                 f"({', '.join(_adaptive_names(t))}); it has no row")
+    views = {}
+    for n, it in interps.items() if t.attack_samples else ():
+        view = it.sampled(t.attack_samples)
+        if view is not None:
+            views[n] = Transfer(view, it)  # differentiable calls: the estimate; judgements: the deployed map
+            warnings.append(f"SAMPLED: ADV² against {n} optimises a {t.attack_samples}-sample estimate of its map, "
+                            f"drawn afresh every step (attack_samples); every iterate is judged by the deployed map")
     return Deployment(model, interps, eps, x, y, y_t, None if x_cal is None else x_cal.to(device),
                       None if x_held is None else x_held.to(device), warnings, pool, precision, compile, defended,
-                      transfer, opaque)
+                      transfer, opaque, views)
 
 
 TORCH_SQUEEZERS = ("bits-2", "bits-3", "median-2", "median-3")
@@ -762,7 +776,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
                 if kind == "benign" and isinstance(it, Transfer):  # its judgements read the real map: queries
                     r, spent[name] = _transfer(t, dep, name, it, x, y_t, map_t)
                 else:
-                    r = _adv2(t, dep, name)(it, x, y_t, map_t, progress=_steps(progress))
+                    r = _adv2(t, dep, name)(dep.views.get(name, it), x, y_t, map_t, progress=_steps(progress))
                 rec = _record(it, r.x_adv, y_t, map_t, dets, keep)  # L1 / IoU to the attack's target map
                 if kind == "benign":
                     adv_x[name] = r.x_adv
@@ -788,7 +802,7 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
                 if d in DETECTORS and d != "ensemble":  # the ensemble's attack goes through all members, below
                     progress(f"adaptive ADV²-{name.upper()} vs {d}")
                     a = adaptive(_adv2(t, dep, name, lam_scale=ADAPTIVE_LAM), dets[d])
-                    r = a(it, x, y_t, bms[name], progress=_steps(progress))
+                    r = a(dep.views.get(name, it), x, y_t, bms[name], progress=_steps(progress))
                     out["interpreters"][name][f"adaptive-{d}"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
                 elif name in dep.defended.get(parts(d)[0], {}):
                     out["interpreters"][name][f"defense-{d}"] = _map_defense(t, dep, d, name, sl, seed, keep,

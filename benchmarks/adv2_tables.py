@@ -50,7 +50,7 @@ def config(a: argparse.Namespace) -> AuditConfig:
     attacks = ["pgd", "adv2"] + (["stadv2"] if a.stadv else [])
     target = Target(a.model, interpreters=a.interpreters.split(","), data=data, n=a.n, eps=a.eps, attacks=attacks,
                     defenses=[], schedule=a.schedule, shorten=a.shorten, target_maps=a.targets.split(","),
-                    adv2_options=dict(a.adv2) or None)
+                    adv2_options=dict(a.adv2) or None, attack_samples=a.attack_samples)
     return AuditConfig(name="adv2_tables", targets=[target], batch_size=a.batch, seed=a.seed, device=a.device)
 
 
@@ -77,6 +77,8 @@ def tables(report: dict) -> str:
     out = [f"{tg['model']}: {tg['n']} images, ε = {tg['eps_255']:g}/255, schedule {cfg['schedule']} "
            f"(÷{cfg['shorten'] if cfg['schedule'] == 'short' else 1})"
            + (f", ADV² options {cfg['adv2_options']}" if cfg.get("adv2_options") else "")
+           + (f", the attacker's map estimated from {cfg['attack_samples']} samples per step (judged by the deployed "
+              f"map)" if cfg.get("attack_samples") else "")
            + f"; {env.get('device', '?')}, {env.get('threads', '?')} threads, torch {env.get('torch', '?')}, "
            f"{env.get('date', '?')[:10]}; {report['seconds'] / 60:.0f} min", "",
            "| interpreter | PGD ASR (MC) | ADV² ASR (MC) | L1 PGD | L1 ADV² | ratio | IoU PGD | IoU ADV² "
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--adv2", type=option, action="append", default=[], metavar="KEY=VALUE",
                     help="an option of every ADV² (attacks/adv2.py: lam_scale, joint_lr, steps, MASK's lookahead, "
                          "resolve_every, track, contrast_weight, ...); repeatable")
+    ap.add_argument("--attack-samples", type=int, default=None,
+                    help="ADV² against ig / smoothgrad optimises an estimate from this many path points / noisy "
+                         "copies, drawn afresh every step; every iterate is judged by the deployed map")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)

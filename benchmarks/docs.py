@@ -238,7 +238,8 @@ def render_adv2(report: dict, source: str) -> str:
     t = report["config"]["targets"][0]
     cmd = (f"benchmarks/adv2_tables.py --model {t['model']} --n {t['n']} --interpreters {','.join(t['interpreters'])}"
            + (f" --eps {t['eps']:g}" if t.get("eps") else "") + f" --shorten {t['shorten']}"
-           + "".join(f" --adv2 {k}={v}" for k, v in (t.get("adv2_options") or {}).items()))
+           + "".join(f" --adv2 {k}={v}" for k, v in (t.get("adv2_options") or {}).items())
+           + (f" --attack-samples {t['attack_samples']}" if t.get("attack_samples") else ""))
     later = []  # rows a later record of the same model and data measured again (after a change of the code)
     for p in sorted(RESULTS.glob("adv2_*_report.json")):
         other = _json(p)
@@ -247,9 +248,12 @@ def render_adv2(report: dict, source: str) -> str:
                 and other["environment"]["date"] > report["environment"]["date"]):
             if again := [n for n in ot["interpreters"] if n in t["interpreters"]]:
                 rows = f"row{'s' if len(again) > 1 else ''}"
-                if (ot.get("adv2_options") or {}) != (t.get("adv2_options") or {}):
-                    later.append(f"Measured again — {', '.join(again)}: with ADV² options {ot['adv2_options']} in "
-                                 f"`{p.relative_to(ROOT)}`")
+                if (ot.get("adv2_options") or {}, ot.get("attack_samples")) != (t.get("adv2_options") or {},
+                                                                             t.get("attack_samples")):
+                    how = ", ".join(([f"ADV² options {ot['adv2_options']}"] if ot.get("adv2_options") else [])
+                                    + ([f"{ot['attack_samples']} samples per attack step"]
+                                       if ot.get("attack_samples") else [])) or "the default settings"
+                    later.append(f"Measured again — {', '.join(again)}: with {how} in `{p.relative_to(ROOT)}`")
                 else:
                     later.append(f"Superseded — {', '.join(again)}: re-measured with the same settings in "
                                  f"`{p.relative_to(ROOT)}`, which supersedes the {rows} here")

@@ -24,6 +24,7 @@ otherwise. An ℓ∞ budget ε reaches ℓ2 distance ε·√(C·H·W), reported 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -86,6 +87,14 @@ class Smoothed(Interpreter):
 
     def native_size(self, hw: tuple[int, int]) -> tuple[int, int]:
         return self.base.native_size(hw)
+
+    def sampled(self, samples: int) -> "Smoothed | None":
+        """The same smoothing from ``samples`` noisy copies (fresh noise at every call, as always)."""
+        if samples >= self.samples:
+            return None
+        view = copy.copy(self)
+        view.samples = int(samples)
+        return view
 
     def noisy_maps(self, x: torch.Tensor, cls: torch.Tensor, samples: int) -> torch.Tensor:
         """(samples, B, 1, h, w): the base map of ``samples`` noisy copies of x, each for class ``cls``."""

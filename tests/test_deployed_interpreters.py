@@ -305,3 +305,64 @@ def test_an_entry_point_hands_over_its_own_interpreters(tmp_path, monkeypatch):
         load_model("teammodels:bad_map").provided_interpreters["flat"](dep.x)
     with pytest.raises(ModelError, match="expected an Interpreter or a callable"):
         load_model("teammodels:bad_value")
+
+
+def test_sampled_views_estimate_the_whole_map():
+    """An attacker may optimise IG / SmoothGrad from a few of their samples per step (attack_samples): IG's
+    jittered path points are a stratified Monte-Carlo estimate of the path integral (their mean over many
+    calls is the many-point Riemann sum), fresh at each call; a smoothed map's view only draws fewer copies."""
+    model = tiny_classifier()
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    ig = build_interpreter("ig", model, steps=16)
+    assert ig.sampled(16) is None and ig.sampled(32) is None  # no cheaper view with as many points
+    view = ig.sampled(2)
+    assert (view.steps, view.jitter, view.model, ig.steps, ig.jitter) == (2, True, model, 16, False)
+    t = model(x).argmax(1)
+
+    def att(it):
+        return it.attribution(x.clone().requires_grad_(True), t, False)[1].detach()
+    first, second = att(view), att(view)
+    assert not torch.allclose(first, second)  # fresh path points at every call
+    torch.manual_seed(0)
+    mean = sum(att(view) for _ in range(400)) / 400
+    fine = att(build_interpreter("ig", model, steps=256))
+    coarse = att(build_interpreter("ig", model, steps=2))  # the midpoints: biased
+    err = float((mean - fine).norm() / fine.norm())
+    assert err < 0.05 and err < 0.5 * float((coarse - fine).norm() / fine.norm()), err
+    sg = build_interpreter("smoothgrad", model)
+    v = sg.sampled(2)
+    assert (v.samples, v.sigma, v.clip, v.base, sg.samples) == (2, sg.sigma, sg.clip, sg.base, 16)
+    assert sg.sampled(16) is None and build_interpreter("grad", model).sampled(2) is None
+
+
+def test_an_audit_attacks_the_sampled_view_and_judges_the_deployed_map(tmp_path, monkeypatch):
+    """attack_samples: ADV²'s differentiable calls go to the sampled view (2 path points), every judgement and
+    the record to the deployed 8-point IG; the report says so. An interpreter without samples is untouched."""
+    from audit.runner import AuditConfig, AuditError, Target, build_deployment, run_audit
+    from guard.interpreters.gradients import IntegratedGradients
+
+    seen = []
+    orig = IntegratedGradients.attribution
+
+    def spy(self, xg, target, second_order):
+        seen.append((self.steps, second_order))
+        return orig(self, xg, target, second_order)
+
+    monkeypatch.setattr(IntegratedGradients, "attribution", spy)
+    t = Target("fmnist_resnet", interpreters=["ig", "cam"], n=2, attacks=["adv2"], defenses=[], shorten=100,
+               attack_samples=2)
+    dep = build_deployment(t, 0, torch.device("cpu"))
+    assert set(dep.views) == {"ig"} and dep.views["ig"].real is dep.interpreters["ig"]
+    assert any(w.startswith("SAMPLED: ADV² against ig optimises a 2-sample") for w in dep.warnings)
+    with pytest.raises(AuditError, match="attack_samples"):
+        run_audit(AuditConfig(name="bad", targets=[Target("fmnist_resnet", attack_samples=0)]), tmp_path / "bad")
+    seen.clear()
+    rep = run_audit(AuditConfig(name="s", batch_size=2, bootstrap=10, examples=0, targets=[
+        Target("fmnist_resnet", interpreters=["ig"], n=2, attacks=["adv2"], defenses=[], shorten=100,
+               attack_samples=2, adv2_options={"check_every": 1})]), tmp_path)
+    grads = [s for s, second in seen if second]  # the attacker's gradients: the 2-point view (the pre-flight
+    assert grads.count(2) >= 7 and set(grads) <= {2, 16} and grads.count(16) <= 1  # probes the real map once;
+    # ≥ 7: one per joint step of GRAD's preset ÷100)
+    assert {s for s, second in seen if not second} == {build_interpreter("ig", dep.model).steps}  # judgements
+    tg = next(iter(rep["targets"].values()))
+    assert rep["config"]["targets"][0]["attack_samples"] == 2 and any("SAMPLED" in w for w in tg["warnings"])

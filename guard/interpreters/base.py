@@ -155,6 +155,13 @@ class Interpreter:
         """The (h, w) of the saliency map for inputs of spatial size ``hw``."""
         raise NotImplementedError
 
+    def sampled(self, samples: int) -> "Interpreter | None":
+        """A cheaper, random estimate of this map from ``samples`` of the samples it averages over (IG's path
+        points, SmoothGrad's noisy copies), drawn afresh at every call — what an attacker may optimise instead of
+        the whole map, as EOT does (``attack_samples`` of an audit target). None: the map averages over no
+        samples, or over no more than ``samples`` of them."""
+        return None
+
     def tracking(self, steps: int) -> ContextManager["Interpreter"]:
         """A block in which differentiable explanations of an iterative interpreter (MASK) continue the previous
         one for ``steps`` optimisation steps instead of solving from scratch (an attack's inner loop; see

@@ -8,11 +8,15 @@ post-processing and ReLU surrogate for attacks:
 - ``inputxgrad`` (Shrikumar et al. 2016): attribution = x ⊙ ∂z_t/∂x.
 - ``ig`` (Sundararajan et al. 2017): attribution = (x − x₀) ⊙ mean_k ∂z_t/∂x (x₀ + α_k (x − x₀)), α_k the
   midpoints (k + ½)/m of m path steps (captum's ``riemann_middle``), all m·B path points in one batch.
+  ``jitter=True`` draws each α_k uniformly inside its stratum [k/m, (k + 1)/m) afresh at every call (a stratified
+  Monte-Carlo estimate of the path integral; ``sampled(k)``: the attacker's cheap view of an m-point IG).
   Baseline x₀: ``black`` (zeros, captum's default) or ``blur`` (a Gaussian blur of x, σ = H/28·5 pixels).
   The class is the one predicted on x itself (or ``target``).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -50,13 +54,21 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 class IntegratedGradients(GradSaliency):
     """Integrated Gradients with ``steps`` path points batched (see the module docstring)."""
 
-    def __init__(self, model, steps: int = 16, baseline: str = "black", loss: str = "logit", **kw) -> None:
+    def __init__(self, model, steps: int = 16, baseline: str = "black", loss: str = "logit", jitter: bool = False,
+                 **kw) -> None:
         super().__init__(model, loss=loss, **kw)
         if steps < 1:
             raise InterpreterError(f"integrated gradients needs at least one path step, got {steps}")
         if baseline not in BASELINES:
             raise InterpreterError(f"unknown IG baseline {baseline!r}; use one of {', '.join(BASELINES)}")
-        self.steps, self.baseline = int(steps), baseline
+        self.steps, self.baseline, self.jitter = int(steps), baseline, bool(jitter)
+
+    def sampled(self, samples: int) -> "IntegratedGradients | None":
+        if samples >= self.steps:
+            return None
+        view = copy.copy(self)  # the same model, baseline and post-processing
+        view.steps, view.jitter = int(samples), True
+        return view
 
     def base_point(self, x: torch.Tensor) -> torch.Tensor:
         if self.baseline == "black":
@@ -68,7 +80,8 @@ class IntegratedGradients(GradSaliency):
         logits = net(xg)
         t = pick_target(logits, target).detach()
         x0 = self.base_point(xg)
-        alphas = (torch.arange(self.steps, dtype=xg.dtype, device=xg.device) + 0.5) / self.steps
+        offset = torch.rand(self.steps, device=xg.device).to(xg.dtype) if self.jitter else 0.5
+        alphas = (torch.arange(self.steps, dtype=xg.dtype, device=xg.device) + offset) / self.steps
         path = x0 + alphas.view(-1, 1, 1, 1, 1) * (xg - x0)  # (m, B, C, H, W)
         flat = path.reshape(-1, *xg.shape[1:])
         (g,) = torch.autograd.grad(self.objective(net(flat), t.repeat(self.steps)), flat,
