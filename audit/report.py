@@ -419,8 +419,11 @@ def plain_words(key: str, tg: dict) -> str:
            f"{s['n']} inputs ({s['mean']:.0%}; 95% interval {lo:.0%}–{hi:.0%})."]
     if len(sp) > 1:
         best = min(sp, key=lambda k: sp[k]["mean"])
-        out.append(f"{worst} is the weakest of the {len(sp)} interpreters audited; {best} held best "
-                   f"({sp[best]['mean']:.0%}).")
+        if sp[best]["mean"] == s["mean"]:
+            out.append(f"All {len(sp)} interpreters audited were spoofed equally often.")
+        else:
+            out.append(f"{worst} is the weakest of the {len(sp)} interpreters audited; {best} held best "
+                       f"({sp[best]['mean']:.0%}).")
     lower = [name for name, a in ints.items() if a.get("lower_bound")]
     if lower:
         out.append(f"For {', '.join(lower)} these are lower bounds: the attack could not follow the map's gradient, "

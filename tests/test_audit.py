@@ -366,3 +366,17 @@ def test_a_bad_adv2_option_is_refused_by_name():
     cfg = AuditConfig(targets=[Target(interpreters=["cam"], adv2_options={"lam_scal": 3})])
     with pytest.raises(AuditError, match="lam_scal"):
         cfg.validate()
+
+
+def test_plain_words_names_the_weakest_interpreter_only_when_one_is_weaker():
+    """The report's opening paragraph ranks interpreters only when their spoofability differs."""
+    from audit.report import plain_words
+
+    def tg(rates):
+        return {"n": 8, "eps_255": 8, "status": {"reasons": []}, "target": {"defenses": []},
+                "summary": {"interpreters": {k: {"spoofability": {"mean": m / 8, "k": m, "n": 8, "ci95": [0, 1]}}
+                                             for k, m in rates.items()}}}
+    tied = plain_words("m@d", tg({"grad": 8, "cam": 8}))
+    assert "spoofed equally often" in tied and "weakest" not in tied
+    ranked = plain_words("m@d", tg({"grad": 8, "cam": 3}))
+    assert "grad is the weakest of the 2 interpreters audited; cam held best (38%)" in ranked
