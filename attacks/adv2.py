@@ -59,16 +59,21 @@ class Adv2(Attack):
         eps: L∞ radius.
         schedule: "paper" or "short" (every stage ``shorten`` times shorter).
         lam_scale: multiplies the λ schedule (maps at other resolutions than the paper's need other λ).
-        joint_lr: sign-step size of stage 2 (default 1/255, the paper's).
+        joint_lr: step size of stage 2 (default 1/255, the paper's).
+        joint_rule: step rule of stage 2: "sign" (the paper's), "momentum" (MI-FGSM's sign of a decaying
+            gradient sum) or "adam": the last two average the gradient over steps, for maps whose gradient is
+            a noisy estimate (SmoothGrad, IG's sampled views).
     """
 
     name = "adv2"
 
     def __init__(self, interpreter: str = "cam", eps: float = 8 / 255, schedule: str = "paper",
                  shorten: int = 4, lam_scale: float = 1.0, steps: tuple[int, int] | None = None,
-                 joint_lr: float = STEP, **kw) -> None:
+                 joint_lr: float = STEP, joint_rule: str = "sign", **kw) -> None:
         if schedule not in ("paper", "short"):
             raise AttackError(f"schedule must be 'paper' or 'short', not {schedule!r}")
+        if joint_rule not in ("sign", "momentum", "adam"):
+            raise AttackError(f"joint_rule must be 'sign', 'momentum' or 'adam', not {joint_rule!r}")
         s1, s2, lam, pred, intl, extra = PAPER.get(interpreter, PAPER["cam"])
         if steps is not None:
             s1, s2 = steps
@@ -78,7 +83,7 @@ class Adv2(Attack):
         schedule_fn = (lambda i: lam_scale * base(i)) if lam_scale != 1.0 else base
         for k, v in extra.items():
             kw.setdefault(k, v)
-        super().__init__(LinfBall(eps), [Stage(s1, 0.0, "sign", STEP), Stage(s2, schedule_fn, "sign", joint_lr)],
+        super().__init__(LinfBall(eps), [Stage(s1, 0.0, "sign", STEP), Stage(s2, schedule_fn, joint_rule, joint_lr)],
                          pred_loss=pred, int_loss=intl, **kw)
         self.interpreter, self.schedule_name = interpreter, schedule
 

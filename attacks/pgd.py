@@ -45,7 +45,7 @@ class Stage:
 
     steps: int
     lam: float | Schedule = 0.0
-    rule: str = "sign"  # "sign" | "l2" | "adam"
+    rule: str = "sign"  # "sign" | "l2" | "adam" | "momentum"
     lr: float = 1 / 255
 
     def schedule(self) -> Schedule:
@@ -86,6 +86,7 @@ class Attack:
     name = "attack"
     judge_start = False  # judge the start before the first step (refinements: attacks/blackbox.py)
     DETECTED = 1e6  # added to a detected iterate's map distance in best-iterate selection
+    MOMENTUM = 0.9  # decay of the "momentum" rule's gradient sum
 
     def __init__(self, threat, stages: Sequence[Stage], pred_loss="nll", int_loss="mse",
                  extra: Sequence[Extra] = (), check_every: int = 10, min_confidence: float = 0.0,
@@ -191,18 +192,23 @@ class Attack:
         """The L2 rule's update v − step; attacks with a line search (MASK-ADV²) choose its length here."""
         return v - step
 
-    def _update(self, stage: Stage, interp, x0, vi, g, y_t, lam, idx, adam: dict) -> torch.Tensor:
+    def _update(self, stage: Stage, interp, x0, vi, g, y_t, lam, idx, state: dict) -> torch.Tensor:
         """One step of the stage's rule from vi along the gradient g (before projection)."""
         if stage.rule == "sign":
             return torch.add(vi, g.sign(), alpha=-stage.lr)
         if stage.rule == "l2":
             norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.ndim - 1))
             return self.line_search(interp, x0, vi, stage.lr * math.sqrt(g[0].numel()) * g / norm, y_t, lam)
+        if stage.rule == "momentum":  # MI-FGSM (Dong et al. 2018): sign steps along a decaying sum of
+            # L1-normalised gradients, which averages a noisy gradient (a sampled map's) over steps
+            scale = g.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *[1] * (g.ndim - 1))
+            state["m"][idx] = self.MOMENTUM * state["m"][idx] + g / scale
+            return torch.add(vi, state["m"][idx].sign(), alpha=-stage.lr)
         if stage.rule == "adam":
-            adam["t"] += 1
-            adam["m"][idx] = 0.9 * adam["m"][idx] + 0.1 * g
-            adam["v"][idx] = 0.999 * adam["v"][idx] + 0.001 * g * g
-            mh, vh = adam["m"][idx] / (1 - 0.9 ** adam["t"]), adam["v"][idx] / (1 - 0.999 ** adam["t"])
+            state["t"] += 1
+            state["m"][idx] = 0.9 * state["m"][idx] + 0.1 * g
+            state["v"][idx] = 0.999 * state["v"][idx] + 0.001 * g * g
+            mh, vh = state["m"][idx] / (1 - 0.9 ** state["t"]), state["v"][idx] / (1 - 0.999 ** state["t"])
             return vi - stage.lr * mh / (vh.sqrt() + 1e-8)
         raise AttackError(f"unknown step rule {stage.rule!r}")
 
@@ -238,7 +244,7 @@ class Attack:
             _, best_ok, d0 = self.judge(interp, best_x, y_t, map_t, torch.arange(b, device=x0.device))
             best_d = torch.where(best_ok, d0, best_d)
         active = torch.ones(b, dtype=torch.bool, device=x0.device)
-        adam = {"m": torch.zeros_like(v), "v": torch.zeros_like(v), "t": 0}
+        state = {"m": torch.zeros_like(v), "v": torch.zeros_like(v), "t": 0}
         hist: dict[str, list] = {"step": [], "loss": [], "success": [], "map_distance": []}
         total_steps = sum(s.steps for s in self.stages)
         step = 0
@@ -259,7 +265,7 @@ class Attack:
                     lam = lam_of(i)
                     per, g = self.gradient(interp, xs, vi, ys, ms, lam, idx)
                     with torch.no_grad():
-                        vn = self.threat.project(self._update(stage, interp, xs, vi, g, ys, lam, idx, adam), xs)
+                        vn = self.threat.project(self._update(stage, interp, xs, vi, g, ys, lam, idx, state), xs)
                         if full:
                             v = vn
                         else:

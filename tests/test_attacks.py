@@ -83,10 +83,33 @@ def test_step_rules_run():
     model = tiny_classifier()
     interp = CAM(model)
     x, yt = _batch(model, 4)
-    for rule in ("l2", "adam"):
+    for rule in ("l2", "adam", "momentum"):
         Attack(LinfBall(8 / 255), [Stage(3, 0.0, rule, 0.01)])(interp, x, yt)
     with pytest.raises(AttackError, match="unknown step rule"):
         Attack(LinfBall(8 / 255), [Stage(1, 0.0, "newton", 0.01)])(interp, x, yt)
+
+
+def test_momentum_rule_follows_the_mean_of_a_noisy_gradient():
+    """The "momentum" rule (MI-FGSM) steps along the sign of a decaying sum of L1-normalised gradients: on a
+    noisy gradient (mean + noise twice its size, as a sampled map's) its steps agree with the mean's sign far
+    more often than the plain sign rule's; every step is still a sign step of the stage's size."""
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.where(torch.rand(1, 64, generator=gen) < 0.5, -1.0, 1.0)
+    draws = [mean + 2 * torch.randn(1, 64, generator=gen) for _ in range(200)]
+    idx, v = torch.arange(1), torch.zeros(1, 64)
+    agree = {}
+    for rule in ("sign", "momentum"):
+        attack = Attack(LinfBall(8 / 255), [Stage(200, 0.0, rule, 0.01)])
+        state = {"m": torch.zeros(1, 64), "v": torch.zeros(1, 64), "t": 0}
+        hits = 0.0
+        for g in draws:
+            step = attack._update(attack.stages[0], None, None, v, g, None, 0.0, idx, state)
+            assert torch.allclose(step.abs(), torch.full_like(step, 0.01))
+            hits += float((step.sign() == -mean).float().mean())
+        agree[rule] = hits / len(draws)
+    assert agree["sign"] < 0.75 and agree["momentum"] > 0.9, agree
+    with pytest.raises(AttackError, match="joint_rule"):
+        Adv2("grad", joint_rule="newton")
 
 
 def test_flow_field_identity_and_smoothness():
