@@ -448,7 +448,8 @@ def _audit_options(fn):
         click.option("--queries", type=int, help="Query budget per image of black-box ADV² (default 2000)."),
         click.option("--attack-samples", type=int,
                      help="ADV² against ig / smoothgrad optimises an estimate from this many of its path points / "
-                          "noisy copies, fresh every step (cheaper; judged by the deployed map). Default: all."),
+                          "noisy copies, fresh every step (fewer: cheaper; more, for smoothgrad: finer; judged by the "
+                          "deployed map). Default: the deployment's own count."),
         click.option("--threat-model", type=click.Choice(["graybox", "blackbox"]),
                      help="Black-box ADV²: graybox (classifier gradients, map by queries; default) or blackbox."),
         click.option("--defenses", help="Comma list of squeeze, ensemble, ensemble-norm, stability, learned, smooth, beta, rtsa, a map defense with a detector (smooth+squeeze), or all (empty string: none)."),

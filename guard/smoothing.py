@@ -89,8 +89,9 @@ class Smoothed(Interpreter):
         return self.base.native_size(hw)
 
     def sampled(self, samples: int) -> "Smoothed | None":
-        """The same smoothing from ``samples`` noisy copies (fresh noise at every call, as always)."""
-        if samples >= self.samples:
+        """The same smoothing from ``samples`` noisy copies (fresh noise at every call, as always): fewer is a
+        cheaper estimate, more a finer one than the deployment's own draw (an attacker may pay for it)."""
+        if samples == self.samples:
             return None
         view = copy.copy(self)
         view.samples = int(samples)

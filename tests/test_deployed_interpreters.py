@@ -333,6 +333,7 @@ def test_sampled_views_estimate_the_whole_map():
     v = sg.sampled(2)
     assert (v.samples, v.sigma, v.clip, v.base, sg.samples) == (2, sg.sigma, sg.clip, sg.base, 16)
     assert sg.sampled(16) is None and build_interpreter("grad", model).sampled(2) is None
+    assert sg.sampled(48).samples == 48 and sg.samples == 16  # a random map also has a finer view
 
 
 def test_an_audit_attacks_the_sampled_view_and_judges_the_deployed_map(tmp_path, monkeypatch):

@@ -156,10 +156,11 @@ class Interpreter:
         raise NotImplementedError
 
     def sampled(self, samples: int) -> "Interpreter | None":
-        """A cheaper, random estimate of this map from ``samples`` of the samples it averages over (IG's path
-        points, SmoothGrad's noisy copies), drawn afresh at every call — what an attacker may optimise instead of
-        the whole map, as EOT does (``attack_samples`` of an audit target). None: the map averages over no
-        samples, or over no more than ``samples`` of them."""
+        """A random estimate of this map from ``samples`` of the samples it averages over (IG's path points,
+        SmoothGrad's noisy copies), drawn afresh at every call — what an attacker may optimise instead of the
+        whole map, as EOT does (``attack_samples`` of an audit target): cheaper with fewer samples; a map that is
+        itself random (SmoothGrad) also has a finer view with more. None: the map averages over no samples, or
+        no such view differs from the map."""
         return None
 
     def tracking(self, steps: int) -> ContextManager["Interpreter"]:
