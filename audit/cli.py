@@ -296,7 +296,7 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
 # audit, reproduce, detect
 # ------------------------------------------------------------------------------------------------------------
 TARGET_FLAGS = ("model", "weights", "interpreters", "data", "n", "eps", "attacks", "defenses", "schedule", "shorten",
-                "queries", "threat_model", "attack_samples",
+                "queries", "threat_model", "attack_samples", "attack_strength",
                 "outputs")
 
 
@@ -450,6 +450,11 @@ def _audit_options(fn):
                      help="ADV² against ig / smoothgrad optimises an estimate from this many of its path points / "
                           "noisy copies, fresh every step (fewer: cheaper; more, for smoothgrad: finer; judged by the "
                           "deployed map). Default: the deployment's own count."),
+        click.option("--attack-strength", type=click.Choice(["quick", "standard", "thorough"]),
+                     help="quick (default): one preset attack per row, no convergence evidence, no defense credited; "
+                          "standard: an attack ensemble (other step sizes and λ, momentum, detector hinges, schedule "
+                          "and EOT ×2 and ×4), worst case per input, with a convergence check; thorough: standard "
+                          "plus random restarts."),
         click.option("--threat-model", type=click.Choice(["graybox", "blackbox"]),
                      help="Black-box ADV²: graybox (classifier gradients, map by queries; default) or blackbox."),
         click.option("--defenses", help="Comma list of squeeze, ensemble, ensemble-norm, stability, learned, smooth, beta, rtsa, a map defense with a detector (smooth+squeeze), or all (empty string: none)."),

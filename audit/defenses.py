@@ -98,6 +98,50 @@ def cost_text(c: dict) -> str:
     return " + ".join(parts) if parts else "none"
 
 
+UNCHECKED = ("one attack at one strength (attack strength quick): nothing shows that more compute would not "
+             "raise it; run --attack-strength standard for the ensemble and its convergence check")
+
+
+def convergence(ens: dict | None, n: int) -> dict:
+    """Whether a row's worst case over its attack ensemble has converged (attacks/strength.py).
+
+    ``ens``: the record's "ensemble" part (per input ``spoofed_by``: the first member that spoofed it, −1 for
+    none; per batch the members' ``names``, ``costs``, ``seconds``). Spoofability as a function of attacker
+    compute is the share of inputs spoofed by members of at most that cost. The row is NOT CONVERGED when the
+    strongest (costliest) members still raise it above the upper end of the exact 95% interval of what all
+    cheaper members reached (more than the interval's noise); "unchecked" with a single member (quick)."""
+    from audit.metrics import rate
+
+    if not ens:
+        return {"status": "unchecked", "reason": UNCHECKED}
+    k = ens["count"][0]
+    names, costs = ens["names"][:k], ens["costs"][:k]
+    sb = ens["spoofed_by"]
+    by_member = [sum(1 for s in sb if s == j) for j in range(k)]
+    batches = len(ens["seconds"]) // k
+    seconds = [round(sum(ens["seconds"][b * k + j] for b in range(batches)), 1) for j in range(k)]
+    ran = [sum(ens["ran"][b * k + j] for b in range(batches)) for j in range(k)]
+    tiers = sorted(set(costs))
+    curve = [{"cost": c, "spoofed": rate(sum(1 for s in sb if s >= 0 and costs[s] <= c), n)} for c in tiers]
+    members = [{"name": nm, "cost": c, "spoofed_first": by_member[j], "inputs_run": ran[j], "seconds": seconds[j]}
+               for j, (nm, c) in enumerate(zip(names, costs))]
+    compute = sum(costs[j] * ran[j] for j in range(k)) / max(n, 1)  # per input, in preset attacks
+    out = {"members": members, "curve": curve, "compute_per_input": round(compute, 2),
+           "worst_member": max(members, key=lambda m: m["spoofed_first"])["name"] if any(by_member) else None}
+    if k == 1 or len(tiers) == 1:
+        return {**out, "status": "unchecked", "reason": UNCHECKED}
+    before, after = curve[-2]["spoofed"], curve[-1]["spoofed"]
+    gain = after["k"] - before["k"]
+    if after["mean"] > before["ci95"][1]:
+        return {**out, "status": "not converged",
+                "reason": f"the costliest members (×{tiers[-1]} compute) still spoofed {gain} more of {n} inputs "
+                          f"({before['mean']:.0%} → {after['mean']:.0%}), above the 95% interval of the cheaper "
+                          f"ones: the number is an upper bound on safety"}
+    return {**out, "status": "converged",
+            "reason": f"the costliest members (×{tiers[-1]} compute) added {gain} of {n} inputs, within the 95% "
+                      f"interval of the cheaper ones"}
+
+
 def compare(a: dict, defenses: list[str], fpr: float) -> dict:
     """The comparison of one interpreter's defenses from its aggregated summary ``a`` (see ``aggregate``):
     rows (undefended first) and a verdict naming the defense with the lowest adaptive spoofability among those
@@ -105,7 +149,8 @@ def compare(a: dict, defenses: list[str], fpr: float) -> dict:
     defenses flag nothing), and whether it measurably helps (non-overlapping intervals)."""
     base = a.get("spoofability")
     rows = [{"defense": "none", "spoofability": base, "asr": (a.get("adv2") or {}).get("asr"), "fpr_heldout": None,
-             "auc": None, "fidelity_l1": None, "cost": {"forwards": 0, "maps": 0}, "applies": base is not None}]
+             "auc": None, "fidelity_l1": None, "cost": {"forwards": 0, "maps": 0}, "applies": base is not None,
+             "convergence": a.get("convergence") or {"status": "unchecked", "reason": UNCHECKED}}]
     for d in defenses:
         info = a.get("defense_info", {}).get(d, {})
         row = {"defense": d, "spoofability": a.get(f"spoofability_{d}"), "asr": info.get("asr"),
@@ -113,7 +158,8 @@ def compare(a: dict, defenses: list[str], fpr: float) -> dict:
                "fpr_heldout": info.get("fpr_heldout"), "fpr_heldout_rate": info.get("fpr_heldout_rate"),
                "auc": info.get("auc"), "auc_plain": info.get("auc_plain"),
                "fidelity_l1": info.get("fidelity_l1"), "tau": info.get("tau"), "cost": info.get("cost"),
-               "applies": a.get(f"spoofability_{d}") is not None}
+               "applies": a.get(f"spoofability_{d}") is not None,
+               "convergence": info.get("convergence") or {"status": "unchecked", "reason": UNCHECKED}}
         rows.append(row)
     return {"rows": rows, "verdict": verdict(rows, fpr), "fpr": fpr}
 
@@ -127,10 +173,32 @@ def too_many_false_alarms(row: dict, fpr: float) -> bool:
 
 def verdict(rows: list[dict], fpr: float) -> dict:
     base = rows[0]["spoofability"]
-    usable = [r for r in rows[1:] if r["applies"] and r.get("own_map", True) and not too_many_false_alarms(r, fpr)]
+    measured = [r for r in rows[1:] if r["applies"] and r.get("own_map", True) and not too_many_false_alarms(r, fpr)]
+    for r in rows:  # rows of records made before the attack ensemble existed: one attack, unchecked
+        r.setdefault("convergence", {"status": "unchecked", "reason": UNCHECKED})
+    usable = [r for r in measured if r["convergence"]["status"] == "converged"]
     costly = [r["defense"] for r in rows[1:] if r["applies"] and too_many_false_alarms(r, fpr)]
     weak = [r["defense"] for r in rows[1:] if r["applies"] and not r.get("own_map", True)]
-    out = _verdict(base, usable, fpr)
+    open_rows = [r for r in measured if r["convergence"]["status"] != "converged"]
+    if measured and not usable:
+        unchecked = all(r["convergence"]["status"] == "unchecked" for r in open_rows)
+        out = {"best": None, "helps": False, "credited": False,
+               "text": ("no defense is credited: each row was measured by one attack at one strength (attack "
+                        "strength quick), so nothing shows its number would hold against a stronger attacker; run "
+                        "--attack-strength standard" if unchecked else
+                        "no defense is credited: under its attack ensemble no row converged (NOT CONVERGED: "
+                        + ", ".join(r["defense"] for r in open_rows) + "); their numbers are upper bounds on safety")}
+        lowest = min(measured, key=lambda r: (r["spoofability"]["mean"], r["spoofability"]["ci95"][1]))
+        b = base or {}
+        if b.get("mean") is not None:
+            out["text"] += (f" (lowest measured: {lowest['defense']}, {b['mean']:.0%} → "
+                            f"{lowest['spoofability']['mean']:.0%}, not credited)")
+    else:
+        out = _verdict(base, usable, fpr)
+        out["credited"] = out["best"] is not None
+        if open_rows:
+            out["text"] += (" (not credited, NOT CONVERGED or unchecked under the attack ensemble: "
+                            + ", ".join(r["defense"] for r in open_rows) + ")")
     if costly:
         out["text"] += f" (left out, held-out FPR significantly above {fpr:.0%}: {', '.join(costly)})"
     if weak:

@@ -212,7 +212,7 @@ def comparison_rows(cmp: dict) -> list[list[str]]:
     out = []
     for r in cmp["rows"]:
         if not r["applies"]:
-            out.append([r["defense"], "not applicable / not run"] + [""] * 5)
+            out.append([r["defense"], "not applicable / not run"] + [""] * 6)
             continue
         auc = "–" if r.get("auc") is None else f"{r['auc']:.2f}"
         if r.get("auc_plain") is not None:
@@ -220,12 +220,21 @@ def comparison_rows(cmp: dict) -> list[list[str]]:
         fid = r.get("fidelity_l1")
         out.append([r["defense"], _rate(r["spoofability"]) + ("" if r.get("own_map", True) else " †"), _rate(r["asr"]),
                     _fmt(r["fpr_heldout"], True), auc, _fmt(fid["mean"]) if fid else "–",
-                    cost_text(r["cost"]) if r.get("cost") else "–"])
+                    cost_text(r["cost"]) if r.get("cost") else "–", convergence_cell(r.get("convergence"))])
     return out
 
 
+def convergence_cell(c: dict | None) -> str:
+    """A row's convergence under its attack ensemble: CONVERGED / NOT CONVERGED / unchecked, and the member
+    that spoofed the most inputs first."""
+    if not c or c.get("status") == "unchecked":
+        return "unchecked (quick)"
+    status = "converged" if c["status"] == "converged" else "NOT CONVERGED"
+    return status + (f" (worst: {c['worst_member']})" if c.get("worst_member") else "")
+
+
 COMPARISON_HEAD = ["defense", "spoofability [95% CI]", "ASR of its attack", "FPR held-out", "AUC adaptive / plain",
-                   "map L1 cost", "extra per input"]
+                   "map L1 cost", "extra per input", "attack ensemble"]
 COMPARISON_NOTE = ("Each defense is scored under an attack that knows it: detectors under ADV² with the detector's "
                    "hinge (ASR = reaching c_t; spoofability also needs undetected and within τ), map defenses under "
                    "ADV² against the defended map (smoothing: fresh noise each step, EOT) with their own τ, a map "
@@ -233,7 +242,11 @@ COMPARISON_NOTE = ("Each defense is scored under an attack that knows it: detect
                    "undetected). AUC: "
                    "held-out benign vs that attack's successful inputs (and vs plain ADV²). Map L1 cost: L1 between "
                    "the defended and the plain benign map. No defense changes the classifier (clean accuracy cost 0). † the joint "
-                   "ensemble attack optimises the ensemble's mean map, not this interpreter's: not counted in the verdict.")
+                   "ensemble attack optimises the ensemble's mean map, not this interpreter's: not counted in the verdict. "
+                   "Attack ensemble: above attack strength quick every row is the worst case per input over several "
+                   "attack settings run cheapest first (attacks/strength.py); a row whose costliest members still "
+                   "raise it beyond the 95% interval of the cheaper ones is NOT CONVERGED, and only converged rows are "
+                   "credited by the verdict (at quick every row is unchecked and none is).")
 
 
 def headline_text(report: dict) -> str:
@@ -282,8 +295,9 @@ def summary_text(report: dict) -> str:
         for name, a in tg["summary"]["interpreters"].items():
             if not _compared(a):
                 continue
-            widths = (15, 18, 18, 7, 12, 8, 18)
-            head = ("defense", "spoofability", "its attack's ASR", "FPR", "AUC a / p", "map L1", "extra per input")
+            widths = (15, 18, 18, 7, 12, 8, 20, 18)
+            head = ("defense", "spoofability", "its attack's ASR", "FPR", "AUC a / p", "map L1", "extra per input",
+                    "attack ensemble")
             lines.append(f"  defenses of {name} (each under its adaptive attack):")
             lines.append("    " + "".join(f"{h:<{w}}" for h, w in zip(head, widths)).rstrip())
             for cells in comparison_rows(a["comparison"]):

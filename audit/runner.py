@@ -54,8 +54,10 @@ from attacks.adv2 import PGD, make_adv2
 from attacks.blackbox import THREATS, Counted, QueryAdv2, transfer_start
 from attacks.pgd import PRECISIONS
 from attacks.stadv import StAdv2
+from attacks.strength import LEVELS, STRENGTHS, Member, members, run_ensemble
 from attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
-from audit.defenses import (DEFENSES, DETECTORS, MAPS, NEEDS_TWO, combined_cost, combo, compare, detector_cost, map_cost,
+from audit.defenses import (DEFENSES, DETECTORS, MAPS, NEEDS_TWO, combined_cost, combo, compare, convergence,
+                            detector_cost, map_cost,
                             map_defense_name, parts)
 from audit.metrics import K_GRID, confidence, iou_curve, l1, rate
 from audit.report import SCHEMA_VERSION
@@ -149,6 +151,10 @@ class Target:
     # noisy copies) optimise an estimate from this many of them, drawn afresh every step (as EOT does); every
     # iterate is still judged by the deployed map. None: the attacker differentiates the whole map.
     attack_samples: int | None = None
+    # how hard the attacker tries (attacks/strength.py): quick = the one preset attack (no convergence
+    # evidence: no defense is credited from it); standard = the attack ensemble, cheapest first, worst case per
+    # input, with a convergence check; thorough = the ensemble plus random restarts
+    attack_strength: str = "quick"
 
     def key(self) -> str:
         if self.label:
@@ -268,6 +274,8 @@ def _validate_target(t: Target) -> None:
         raise AuditError(f"{where}: smooth_sigma is a noise σ on [0, 1] images, in (0, 1], got {t.smooth_sigma}")
     if t.attack_samples is not None and t.attack_samples < 1:
         raise AuditError(f"{where}: attack_samples must be at least 1 (or unset), got {t.attack_samples}")
+    if t.attack_strength not in STRENGTHS:
+        raise AuditError(f"{where}: attack_strength must be one of {', '.join(STRENGTHS)}, not {t.attack_strength!r}")
     if not 0 < t.beta <= 100:
         raise AuditError(f"{where}: beta (softplus-β) must be in (0, 100], got {t.beta}")
     for group in (t.ensemble_members or [], t.adaptive_interpreters or [], t.adv2_interpreters or [],
@@ -369,6 +377,10 @@ class Deployment:
     transfer: dict = field(default_factory=dict)  # adapter name → the native twin its attacks optimise
     opaque: set = field(default_factory=set)  # interpreters without a gradient to the input: attacked by queries
     views: dict = field(default_factory=dict)  # name → the attacker's sampled view of its map (attack_samples)
+    # above quick strength: every input's map-noise draws, measured before the attacks so that the ensemble
+    # knows τ (and so which inputs are already spoofed) while it runs; {name or "d/name": (N, draws) lists}
+    noise: dict | None = None
+    tau: dict | None = None
 
     @property
     def attack_kw(self) -> dict:
@@ -753,7 +765,9 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
     keep = max(0, min(keep - sl.start, len(x)))  # samples of this batch shown in the report
     out: dict = {"index": list(range(sl.start, sl.stop)), "interpreters": {}}
     bms = {name: benign_maps(it, x) for name, it in dep.interpreters.items()}
-    for name, d in _noise_l1(t, dep, sl, seed, bms).items():
+    noise = ({n: dep.noise[n][sl] for n in dep.interpreters} if dep.noise is not None
+             else _noise_l1(t, dep, sl, seed, bms))
+    for name, d in noise.items():
         out["interpreters"][name] = {"noise_l1": d}
     for name, it in dep.interpreters.items():
         if isinstance(it, Smoothed):  # the certificate of its benign top-k map, per input
@@ -775,9 +789,12 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
                 map_t = bms[name] if kind == "benign" else _target_maps(kind, it, dep, x, y_t, seed + sl.start)
                 if kind == "benign" and isinstance(it, Transfer):  # its judgements read the real map: queries
                     r, spent[name] = _transfer(t, dep, name, it, x, y_t, map_t)
+                elif kind == "benign" and _strong_rows(t):  # the attack ensemble, worst case per input
+                    r = _strong(t, dep, f"ADV²-{name.upper()}", name, it, x, y_t, map_t, dep.tau[name], dets,
+                                None, keep, progress)
                 else:
                     r = _adv2(t, dep, name)(dep.views.get(name, it), x, y_t, map_t, progress=_steps(progress))
-                rec = _record(it, r.x_adv, y_t, map_t, dets, keep)  # L1 / IoU to the attack's target map
+                rec = r.record if hasattr(r, "record") else _record(it, r.x_adv, y_t, map_t, dets, keep)
                 if kind == "benign":
                     adv_x[name] = r.x_adv
                     if name in spent:
@@ -801,6 +818,11 @@ def _attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, 
             for d in t.defenses:
                 if d in DETECTORS and d != "ensemble":  # the ensemble's attack goes through all members, below
                     progress(f"adaptive ADV²-{name.upper()} vs {d}")
+                    if _strong_rows(t):
+                        r = _strong(t, dep, f"adaptive ADV²-{name.upper()} vs {d}", name, it, x, y_t, bms[name],
+                                    dep.tau[name], dets, d, keep, progress, ADAPTIVE_LAM)
+                        out["interpreters"][name][f"adaptive-{d}"] = r.record
+                        continue
                     a = adaptive(_adv2(t, dep, name, lam_scale=ADAPTIVE_LAM), dets[d])
                     r = a(dep.views.get(name, it), x, y_t, bms[name], progress=_steps(progress))
                     out["interpreters"][name][f"adaptive-{d}"] = _record(it, r.x_adv, y_t, bms[name], dets, keep)
@@ -840,14 +862,129 @@ def _map_defense(t: Target, dep: Deployment, d: str, name: str, sl: slice, seed:
     x, y, y_t = dep.x[sl], dep.y[sl], dep.y_t[sl]
     bm = benign_maps(it, x)
     progress(f"ADV²-{name.upper()} vs its {d} defense ({it.name}" + (f" + {det} detector)" if det else ")"))
-    atk = adaptive(_adv2(t, dep, it.name, lam_scale=ADAPTIVE_LAM), dets[det]) if det else _adv2(t, dep, it.name)
-    r = atk(it, x, y_t, bm)
-    rec = _record(it, r.x_adv, y_t, bm, {det: dets[det]} if det else {}, keep)
-    rec["noise_l1"] = _noise_l1(t, dep, sl, seed, {it.name: bm}, {it.name: it})[it.name]
+    judged = {det: dets[det]} if det else {}
+    if _strong_rows(t):
+        rec = _strong(t, dep, f"ADV²-{name.upper()} vs {d}", it.name, it, x, y_t, bm, dep.tau[f"{d}/{name}"],
+                      judged, det, keep, progress, ADAPTIVE_LAM if det else 1.0).record
+        rec["noise_l1"] = dep.noise[f"{d}/{name}"][sl]
+    else:
+        atk = adaptive(_adv2(t, dep, it.name, lam_scale=ADAPTIVE_LAM), dets[det]) if det else _adv2(t, dep, it.name)
+        r = atk(it, x, y_t, bm)
+        rec = _record(it, r.x_adv, y_t, bm, judged, keep)
+        rec["noise_l1"] = _noise_l1(t, dep, sl, seed, {it.name: bm}, {it.name: it})[it.name]
     rec["fidelity_l1"] = l1(bm, plain_bm).tolist()
     if isinstance(it, Smoothed):
         rec["certified"] = it.certify(x, y, samples=CERT_SAMPLES, k=CERT_K)["certified"].tolist()
     return rec
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Attack strength: the ensemble of attack settings per row (attacks/strength.py)
+# ------------------------------------------------------------------------------------------------------------
+def _strong_rows(t: Target) -> bool:
+    """Whether the rows run the attack ensemble (every strength above quick)."""
+    return t.attack_strength != "quick"
+
+
+def measure_noise(t: Target, dep: Deployment, index: list[list[int]], seed: int) -> None:
+    """Above quick strength: every input's map-noise draws (per batch slice, as the batches would draw them)
+    for each interpreter and each map defense, and τ from all of them, before any attack — the ensemble needs
+    τ while it runs to know which inputs are spoofed. The batch records carry these same draws, so the
+    aggregate's τ is this one."""
+    if not _strong_rows(t):
+        return
+    noise: dict = {}
+    map_rows = [(d, n, it) for d in t.defenses if parts(d)[0] and "adaptive" in t.attacks
+                for n, it in dep.defended.get(parts(d)[0], {}).items() if n in _adaptive_names(t)]
+    for ix in index:
+        sl = slice(ix[0], ix[-1] + 1)
+        with torch.random.fork_rng(devices=[dep.x.device] if dep.x.device.type == "cuda" else []):
+            torch.manual_seed(seed + sl.start + 104729)
+            x = dep.x[sl]
+            bms = {n: benign_maps(it, x) for n, it in dep.interpreters.items()}
+            for n, v in _noise_l1(t, dep, sl, seed, bms).items():
+                noise.setdefault(n, []).extend(v)
+            for d, n, it in map_rows:
+                v = _noise_l1(t, dep, sl, seed, {it.name: benign_maps(it, x)}, {it.name: it})[it.name]
+                noise.setdefault(f"{d}/{n}", []).extend(v)
+    dep.noise = noise
+    dep.tau = {k: noise_level(v, 0, 0)["tau"] for k, v in noise.items()}
+
+
+def _eot_view(t: Target, it, factor: int):
+    """The attacker's view of a random map from ``factor`` × its copies (Transfer: judged by the real map), or
+    None where the map is not random or the factor is 1."""
+    base = t.attack_samples or getattr(it, "samples", None)
+    if factor <= 1 or not isinstance(base, int) or not hasattr(it, "sampled"):
+        return None
+    view = it.sampled(base * factor)
+    return None if view is None else Transfer(view, it)
+
+
+def _member_attack(t: Target, dep: Deployment, name: str, m: Member, det, lam_scale: float):
+    """The row's attack with member ``m``'s settings: ADV² overrides, longer schedule, random restart, and the
+    detector's hinge (its weight / margin / first stage as ``m`` says)."""
+    kw = dict(m.adv2)
+    base = lam_scale if lam_scale != 1.0 else (t.adv2_options or {}).get("lam_scale", 1.0)
+    ls = base * kw.pop("lam_scale", 1.0)
+    atk = _adv2(t, dep, name, lam_scale=ls, **kw)
+    if m.schedule > 1:
+        atk = _adv2(t, dep, name, lam_scale=ls, steps=tuple(s.steps * m.schedule for s in atk.stages), **kw)
+    if m.restart:
+        atk.threat.random_start, atk.seed = True, m.restart
+    if det is not None:
+        atk = adaptive(atk, det, **m.hinge)
+    return atk
+
+
+def _strong(t: Target, dep: Deployment, label: str, name: str, it, x: torch.Tensor, y_t: torch.Tensor,
+            bm: torch.Tensor, tau: float, judged: dict, det: str | None, keep: int, progress: Progress,
+            lam_scale: float = 1.0) -> types.SimpleNamespace:
+    """One row at the target's attack strength: the members cheapest first, each on the inputs no earlier one
+    spoofed (c_t on the 8-bit image, the map within ``tau``, and undetected by ``det`` where the row has one).
+    Returns x_adv (per input the spoofing member's image, else the best one) and the merged record with its
+    "ensemble" part (which member each input's record came from, which first spoofed it)."""
+    view0 = dep.views.get(name, it)
+    random_map = _eot_view(t, it, 2) is not None
+    tunable = dep.transfer.get(name, name).removeprefix("smooth:").removeprefix("beta:") != "mask"
+    ms = [m for m in members(t.attack_strength, det is not None, random_map) if tunable or not m.adv2]
+
+    def attack_with(m: Member, idx: torch.Tensor) -> torch.Tensor:
+        progress(f"{label} [{m.name}: {len(idx)} inputs left]")
+        view = (_eot_view(t, it, m.eot) or view0) if m.eot > 1 else view0
+        atk = _member_attack(t, dep, name, m, dets_of(det), lam_scale)
+        return atk(view, x[idx], y_t[idx], bm[idx], progress=_steps(progress)).x_adv
+
+    def dets_of(d):
+        return None if d is None else judged[d]
+
+    def judge(xa: torch.Tensor, idx: torch.Tensor):
+        rec = _record(it, xa, y_t[idx], bm[idx], judged, 0)
+        rec.pop("images"), rec.pop("maps")
+        ok, dist = rec["success"], rec["l1"]
+        flag = rec["detected"][det][judged[det].decision] if det else [False] * len(ok)
+        spoofed = [bool(s) and v <= tau and not f for s, v, f in zip(ok, dist, flag)]
+        keys = [(sp, bool(s) and not f, bool(s), -v) for sp, s, f, v in zip(spoofed, ok, flag, dist)]
+        return rec, spoofed, keys
+
+    out = run_ensemble(ms, attack_with, judge, len(x))
+    rec = out["record"]
+    rec.update(_pictures(it, out["x_adv"], keep))
+    rec["ensemble"] = {"member": out["member"], "spoofed_by": out["spoofed_by"],
+                       # per batch (merged batches concatenate them): the members, their cost, time and inputs
+                       "count": [len(ms)], "names": [m.name for m in ms], "costs": [m.cost(random_map) for m in ms],
+                       "seconds": out["seconds"], "ran": out["ran"]}
+    return types.SimpleNamespace(x_adv=out["x_adv"], record=rec)
+
+
+def _pictures(it, x_adv: torch.Tensor, keep: int) -> dict:
+    """PNGs of the first ``keep`` adversarial images and their maps, for the report."""
+    from audit.report import png_b64
+
+    with torch.no_grad():
+        e = it(x_adv[:keep]) if keep else None
+    return {"images": [png_b64(im) for im in x_adv[:keep]],
+            "maps": [png_b64(it.upsample(m[None], x_adv.shape[-2:])[0], cmap=True) for m in e.saliency] if e else []}
 
 
 def _noise_l1(t: Target, dep: Deployment, sl: slice, seed: int, bms: dict,
@@ -1014,6 +1151,10 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
             close = [bool(s) and d <= tau for s, d in zip(ok, rec["l1"])]
             if "queries" in rec:  # transfer and black-box ADV²: what the attacker spent reading the real map
                 row["queries"] = query_stats(rec, close, tau)
+            if "ensemble" in rec:  # the attack ensemble of this row: its convergence check
+                row["convergence"] = convergence(rec["ensemble"], len(ok))
+                if atk == "adv2":
+                    a_int["convergence"] = row["convergence"]
             if atk == "pgd":  # (ADV² and query ADV² need no branch: spoofed_inputs counts them)
                 a_int["pgd_within_tau"] = rate(sum(close), len(ok))
             elif atk.startswith("adaptive-"):
@@ -1025,6 +1166,7 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
                 plain = per.get("adv2", {})
                 a_int.setdefault("defense_info", {})[d] = {
                     "asr": row["asr"], "cost": info.get("cost"), **_detector_stats(info, rec, d, succ),
+                    "convergence": row.get("convergence"),
                     "auc_plain": roc_auc(benign, [plain["detector_scores"][d][i] for i, s in enumerate(plain["success"])
                                                   if s]) if plain else None}
             elif atk.startswith("defense-"):  # a map defense: its own τ, the ADV² against the defended map
@@ -1036,7 +1178,7 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
                     close = [c and not f for c, f in zip(close, rec["detected"][det][decisions[det]])]
                 a_int[f"spoofability_{d}"] = rate(sum(close), len(ok))
                 a_int.setdefault("defense_info", {})[d] = {
-                    "asr": row["asr"], "tau": noise_d["tau"], "tau_estimate": noise_d,
+                    "asr": row["asr"], "tau": noise_d["tau"], "tau_estimate": noise_d, "convergence": row.get("convergence"),
                     "fidelity_l1": _ci(rec["fidelity_l1"], n_boot, seed), "cost": map_cost(m, smooth_samples)}
                 if det:
                     info = detectors.get(det, {})
@@ -1131,6 +1273,10 @@ def headline(targets: dict) -> dict:
     worst, where = max(cands, key=lambda c: c[0]["mean"])
     lower = [f"{key} / {name}: {a['lower_bound']}" for key, tg in targets.items()
              for name, a in tg["summary"]["interpreters"].items() if a.get("lower_bound")]
+    # an undefended row whose attack ensemble still gained at its costliest members: a lower bound as well
+    lower += [f"{key} / {name}: NOT CONVERGED under the attack ensemble ({a['convergence']['reason']})"
+              for key, tg in targets.items() for name, a in tg["summary"]["interpreters"].items()
+              if "spoofability" in a and (a.get("convergence") or {}).get("status") == "not converged"]
     return {"spoofability": worst["mean"], "ci95": worst["ci95"], "k": worst["k"], "n": worst["n"], "where": where,
             "interval": worst["interval"], "status": "inconclusive" if reasons else "measured",
             "inconclusive": reasons, "lower_bound": lower}
@@ -1411,6 +1557,10 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
             for i in range(n_batches):
                 journal.load(i, index[i])
         dets = build_detectors(t, dep, cfg.fpr, progress)
+        if _strong_rows(t):
+            progress(f"{key}: measuring the map noise of all {n} inputs (τ, needed by the {t.attack_strength} "
+                     f"attack ensemble)")
+            measure_noise(t, dep, index, cfg.seed)
         mine = [i for i in range(n_batches) if i % world == rank]
         bar = progress.target(key, len(mine)) if hasattr(progress, "target") else contextlib.nullcontext()
         with bar:
@@ -1442,7 +1592,10 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
                            for nm in _adv2_names(t)},
                         "adaptive": {"interpreters": _adaptive_names(t), "lam_scale": ADAPTIVE_LAM,
                                      **adaptive(PGD(dep.eps, 1), next(iter(dets.values()))).adaptive_to[0]}
-                        if dets and "adaptive" in t.attacks else None},
+                        if dets and "adaptive" in t.attacks else None,
+                        # the attack ensemble every row ran (attacks/strength.py); costs × the preset attack
+                        "strength": {"level": t.attack_strength,
+                                     "members": [m.describe(True) for m in LEVELS[t.attack_strength]]}},
             "map_defenses": {d: {n: it.name for n, it in m.items()} for d, m in dep.defended.items()},
             "transfer": dep.transfer,
             "detectors": {d: {"kind": det.kind, "decision": det.decision, "thresholds": det.thresholds,

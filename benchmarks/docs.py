@@ -45,7 +45,7 @@ held-out FPR. The verdict leaves out a detector whose held-out FPR is significan
 the `ensemble` row (†), whose joint attack optimises the ensemble's mean map rather than the row's interpreter.
 """
 HEAD = ["defense", "spoofability [95% CI]", "ASR of its attack", "FPR held-out", "AUC adaptive / plain",
-        "map L1 cost", "extra per input"]
+        "map L1 cost", "extra per input", "attack ensemble"]
 
 
 def _machine(report: dict) -> str:

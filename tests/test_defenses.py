@@ -205,10 +205,12 @@ def test_map_defense_names_and_costs():
 
 
 def _summary(base: tuple[int, int], **defs) -> dict:
-    a = {"spoofability": rate(*base), "adv2": {"asr": rate(base[1], base[1])}, "defense_info": {}}
+    """A summary whose rows all converged under their attack ensemble (tests/test_strength.py: the others)."""
+    done = {"status": "converged", "reason": "test"}
+    a = {"spoofability": rate(*base), "adv2": {"asr": rate(base[1], base[1])}, "defense_info": {}, "convergence": done}
     for d, (k, n, fpr) in defs.items():
         a[f"spoofability_{d}"] = rate(k, n)
-        a["defense_info"][d] = {"asr": rate(n, n), "fpr_heldout": fpr,
+        a["defense_info"][d] = {"asr": rate(n, n), "fpr_heldout": fpr, "convergence": done,
                                 "fpr_heldout_rate": None if fpr is None else rate(round(fpr * 200), 200)}
     return a
 
