@@ -754,8 +754,7 @@ def _record(it, x_adv: torch.Tensor, y_t: torch.Tensor, bm: torch.Tensor, dets: 
            "predicted": e.logits.argmax(1).tolist()}
     det = detected if detected is not None else _detect(dets, x_adv)
     rec["detected"], rec["detector_scores"] = det["flags"], det["scores"]
-    rec["images"] = [png_b64(im) for im in x_adv[:keep]]
-    rec["maps"] = [png_b64(it.upsample(m[None], x_adv.shape[-2:])[0], cmap=True) for m in e.saliency[:keep]]
+    rec.update(_pictures(it, x_adv[:keep], e.saliency[:keep]))
     return rec
 
 
@@ -952,11 +951,8 @@ def _strong(t: Target, dep: Deployment, label: str, name: str, it, x: torch.Tens
     def attack_with(m: Member, idx: torch.Tensor) -> torch.Tensor:
         progress(f"{label} [{m.name}: {len(idx)} inputs left]")
         view = (_eot_view(t, it, m.eot) or view0) if m.eot > 1 else view0
-        atk = _member_attack(t, dep, name, m, dets_of(det), lam_scale)
+        atk = _member_attack(t, dep, name, m, judged[det] if det else None, lam_scale)
         return atk(view, x[idx], y_t[idx], bm[idx], progress=_steps(progress)).x_adv
-
-    def dets_of(d):
-        return None if d is None else judged[d]
 
     def judge(xa: torch.Tensor, idx: torch.Tensor):
         rec = _record(it, xa, y_t[idx], bm[idx], judged, 0)
@@ -969,7 +965,7 @@ def _strong(t: Target, dep: Deployment, label: str, name: str, it, x: torch.Tens
 
     out = run_ensemble(ms, attack_with, judge, len(x))
     rec = out["record"]
-    rec.update(_pictures(it, out["x_adv"], keep))
+    rec.update(_pictures(it, out["x_adv"][:keep]))
     rec["ensemble"] = {"member": out["member"], "spoofed_by": out["spoofed_by"],
                        # per batch (merged batches concatenate them): the members, their cost, time and inputs
                        "count": [len(ms)], "names": [m.name for m in ms], "costs": [m.cost(random_map) for m in ms],
@@ -977,14 +973,15 @@ def _strong(t: Target, dep: Deployment, label: str, name: str, it, x: torch.Tens
     return types.SimpleNamespace(x_adv=out["x_adv"], record=rec)
 
 
-def _pictures(it, x_adv: torch.Tensor, keep: int) -> dict:
-    """PNGs of the first ``keep`` adversarial images and their maps, for the report."""
+def _pictures(it, x_adv: torch.Tensor, maps: torch.Tensor | None = None) -> dict:
+    """PNGs of adversarial images and their maps (``it``'s, unless given), for the report."""
     from audit.report import png_b64
 
-    with torch.no_grad():
-        e = it(x_adv[:keep]) if keep else None
-    return {"images": [png_b64(im) for im in x_adv[:keep]],
-            "maps": [png_b64(it.upsample(m[None], x_adv.shape[-2:])[0], cmap=True) for m in e.saliency] if e else []}
+    if maps is None and len(x_adv):
+        with torch.no_grad():
+            maps = it(x_adv).saliency
+    return {"images": [png_b64(im) for im in x_adv],
+            "maps": [png_b64(it.upsample(m[None], x_adv.shape[-2:])[0], cmap=True) for m in maps] if len(x_adv) else []}
 
 
 def _noise_l1(t: Target, dep: Deployment, sl: slice, seed: int, bms: dict,
