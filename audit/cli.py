@@ -19,7 +19,7 @@ import click
 import torch
 
 from guard.interpreters.base import InterpreterError
-from guard.models import ModelError, list_models, load_model, save_checkpoint
+from guard.models import ModelError, list_models, load_model, load_torch_file, save_checkpoint
 from training.data import DataError
 
 KNOWN_ERRORS = (ModelError, DataError, InterpreterError, ValueError, OSError)
@@ -368,11 +368,12 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
     from audit.report import summary_text, summary_rows, write_report
     from audit.rundir import RunFolder, check_writable
     from audit.runner import AuditError, config_diff, run_audit
+    from training.loop import distributed_setup
 
     check_writable(out)
     run_dir = out / cfg.name
-    rank = int(os.environ.get("RANK", 0))
-    if not (name_given or resume or overwrite) and "RANK" not in os.environ and (run_dir / "report.json").is_file():
+    rank, world = distributed_setup()  # the process group's rank, never a bare RANK variable's
+    if not (name_given or resume or overwrite) and world == 1 and (run_dir / "report.json").is_file():
         cfg.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # keep the finished run, start a new one
         click.echo(f"{run_dir} holds a finished report; this run goes to {out / cfg.name}", err=True)
         run_dir = out / cfg.name
@@ -423,9 +424,19 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
         sys.exit(3)
     for r in head.get("lower_bound", []):
         click.echo(f"LOWER BOUND: {r}: a white-box attacker could spoof more", err=True)
+    for r in head.get("not_attacked", []):
+        click.echo(f"NOT MEASURED: {r}", err=True)
     if fail_above is not None and head.get("lower_bound"):
         click.echo("INCONCLUSIVE: spoofability measured only from below (transfer / query attacks) cannot pass "
                    "--fail-above (exit status 4)", err=True)
+        sys.exit(4)
+    if fail_above is not None and head.get("not_attacked"):
+        click.echo("INCONCLUSIVE: an interpreter the audit did not attack cannot pass --fail-above (exit status 4)",
+                   err=True)
+        sys.exit(4)
+    if fail_above is not None and head.get("untrained"):
+        click.echo(f"INCONCLUSIVE: {head['untrained']}: an audit of untrained weights passes no gate (exit status 4)",
+                   err=True)
         sys.exit(4)
 
 
@@ -557,7 +568,11 @@ def detect_cmd(inputs, model_name, calibrate_n, data, fpr, thresholds) -> None:
     tensors, names = [], []
     for p in inputs:
         if p.suffix == ".pt":
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            obj = load_torch_file(p, "image batch", DataError)
+            if isinstance(obj, dict) and "x_adv" not in obj:
+                raise DataError(f"{p} holds a dict without the key 'x_adv' (its keys: "
+                                f"{', '.join(map(str, list(obj)[:8])) or 'none'}); save the images as a (B, C, H, W) "
+                                f"tensor or as {{'x_adv': tensor}}")
             x = obj["x_adv"] if isinstance(obj, dict) else obj
             if not isinstance(x, torch.Tensor) or x.ndim != 4:
                 raise DataError(f"{p} must hold a (B, C, H, W) tensor or a dict with 'x_adv'")

@@ -288,6 +288,8 @@ def summary_text(report: dict) -> str:
                 by = "".join(f", {ATTACK_LABELS.get(k, k)} {_rate(v)}" for k, v in a.get("spoofability_by", {}).items())
                 lines.append(f"  spoofability {name}: {_rate(a['spoofability'])}{lb} (τ = {a['tau']:.3f} "
                              f"[{te['ci95'][0]:.3f}–{te['ci95'][1]:.3f}]{ref}{by}){extra}")
+            elif a.get("not_attacked"):
+                lines.append(f"  spoofability {name}: NOT MEASURED — {a['not_attacked']}; it passes no gate")
             if qt := queries_text(name, a, tg):
                 lines.append(f"  {qt}")
             if "certified" in a:
@@ -439,6 +441,11 @@ def plain_words(key: str, tg: dict) -> str:
             out.append(f"{worst} is the weakest of the {len(sp)} interpreters audited; {best} held best "
                        f"({sp[best]['mean']:.0%}).")
     lower = [name for name, a in ints.items() if a.get("lower_bound")]
+    unmeasured = [name for name, a in ints.items() if a.get("not_attacked")]
+    if unmeasured:
+        out.append(f"{', '.join(unmeasured)} {'was' if len(unmeasured) == 1 else 'were'} listed but not attacked in "
+                   f"this run: nothing here says how far {'its map' if len(unmeasured) == 1 else 'their maps'} can "
+                   f"be spoofed.")
     if lower:
         out.append(f"For {', '.join(lower)} these are lower bounds: the attack could not follow the map's gradient, "
                    f"so a stronger attacker may do better.")
@@ -541,6 +548,8 @@ def render_html(report: dict) -> str:
         sp = "".join(f"<tr><td class=l>{n.upper()}</td><td>{_rate(a.get('spoofability'))}"
                      + (f" <b class=warnc>lower bound</b><br><small>{html.escape(a['lower_bound'])}</small>"
                         if a.get("lower_bound") else "")
+                     + (f" <b class=warnc>not attacked</b><br><small>{html.escape(a['not_attacked'])}</small>"
+                        if a.get("not_attacked") else "")
                      + "".join(f"<br><small>{ATTACK_LABELS.get(k, k)} {_rate(v)}</small>"
                                for k, v in a.get("spoofability_by", {}).items())
                      + f"</td><td>{_fmt(a['tau'])} "

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import types
@@ -66,12 +67,12 @@ from guard.calibration import roc_auc
 from guard.ensemble import DisagreementDetector, InterpreterEnsemble, NormalisedDisagreementDetector
 from guard.learned import LearnedDetector
 from guard.interpreters import build_interpreter
-from guard.interpreters.base import InterpreterError
+from guard.interpreters.base import InterpreterError, check_name
 from guard.models import load_model
 from guard.smoothing import RADII, Smoothed, linf_as_l2
 from guard.squeeze import SqueezeDetector
 from guard.stability import StabilityDetector
-from training.data import DataError, ImageFolderDataset, fashion_mnist, load_images, photos, stack
+from training.data import DataError, ImageFolderDataset, fashion_mnist, folder_kind, load_images, photos, stack
 from training.loop import distributed_setup
 
 log = logging.getLogger(__name__)
@@ -222,10 +223,13 @@ class AuditConfig:
         for k in ("examples", "bootstrap"):
             if getattr(self, k) < 0:
                 raise AuditError(f"{k} must be ≥ 0, got {getattr(self, k)}")
+        if not 0 <= self.seed < 2 ** 31:  # seeds offset by sample indices must stay valid for every generator
+            raise AuditError(f"seed must be an integer in [0, 2**31), got {self.seed}")
         if self.precision not in PRECISIONS:
             raise AuditError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         check_device(self.device)
         seen: dict[str, int] = {}
+        folders: dict[str, int] = {}
         for i, t in enumerate(self.targets):
             _check_types(asdict(t), Target, f"targets[{i}].")
             _validate_target(t)
@@ -233,6 +237,12 @@ class AuditConfig:
                 raise AuditError(f"targets[{i}] and targets[{seen[t.key()]}] are both {t.key()!r}: give one a "
                                  f"label (label = \"...\") to tell them apart in the report")
             seen[t.key()] = i
+            folder = journal_folder(t.key())
+            if folder in folders:
+                j = folders[folder]
+                raise AuditError(f"targets[{i}] ({t.key()!r}) and targets[{j}] ({self.targets[j].key()!r}) would share "
+                                 f"the journal folder {folder!r}: give them labels that differ in letters or digits")
+            folders[folder] = i
 
 
 def _validate_target(t: Target) -> None:
@@ -254,6 +264,12 @@ def _validate_target(t: Target) -> None:
         raise AuditError(f"unknown attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
     if not t.interpreters:
         raise AuditError(f"{where} has no interpreters")
+    if not _entry_point(t.model):  # an entry point may hand over maps of its own names: checked once it loads
+        for name in t.interpreters:
+            try:
+                check_name(name)
+            except InterpreterError as exc:
+                raise AuditError(f"{where}: {exc}") from None
     if t.defenses is None:  # the default: what applies here (an ensemble needs two interpreters)
         t.defenses = ["squeeze"] + (["ensemble"] if len(_ensemble_names(t)) >= 2 else [])
     if "all" in t.defenses:  # every defense that applies here (the ensembles need two interpreters)
@@ -299,6 +315,11 @@ def _validate_target(t: Target) -> None:
         raise AuditRefused(f"{where}: torchvision:<arch> without weights is an untrained network and cannot be "
                            f"audited as a deployment; pass --weights IMAGENET1K_V1 (or a state_dict file), or "
                            f"--weights random to audit random weights on purpose (labelled so in the report)")
+
+
+def _entry_point(model: str) -> bool:
+    """A ``module:function`` model spec (its function may hand over interpreters of its own names)."""
+    return ":" in model and not model.startswith("torchvision:") and not model.endswith((".pt", ".pth"))
 
 
 def _type_ok(v, hint) -> bool:
@@ -377,6 +398,8 @@ class Deployment:
     transfer: dict = field(default_factory=dict)  # adapter name → the native twin its attacks optimise
     opaque: set = field(default_factory=set)  # interpreters without a gradient to the input: attacked by queries
     views: dict = field(default_factory=dict)  # name → the attacker's sampled view of its map (attack_samples)
+    # a team's maps whose gradient disagrees with their finite differences: {name: why} (lower bounds)
+    unfaithful: dict = field(default_factory=dict)
     # above quick strength: every input's map-noise draws, measured before the attacks so that the ensemble
     # knows τ (and so which inputs are already spoofed) while it runs; {name or "d/name": (N, draws) lists}
     noise: dict | None = None
@@ -405,7 +428,7 @@ def _load_data(t: Target, model) -> tuple[torch.Tensor, torch.Tensor | None, tor
         held = xs[7000:7000 + t.calibration_n]
         return xs[:5000], ys[:5000], cal, held
     root = Path(t.data)
-    plain = t.data != "photos" and root.is_dir() and not any(d.is_dir() for d in root.iterdir())
+    plain = t.data != "photos" and root.is_dir() and folder_kind(root) == "plain"
     if t.data == "photos" or plain:  # unlabelled: the model's predictions are the classes
         if plain:
             x, _ = load_images([root], size=h, channels=c)
@@ -549,6 +572,54 @@ def _preflight(t: Target, model, interps: dict, x: torch.Tensor, y: torch.Tensor
     return warnings
 
 
+def gradient_agreement(it, x: torch.Tensor, y: torch.Tensor, directions: int = 6, h: float = 1e-3,
+                       seed: int = 0) -> dict:
+    """How well a map's autograd gradient predicts its change: along ``directions`` random ±1 directions v, the
+    directional derivative ∇⟨w, g(x)⟩·v against the central difference (⟨w, g(x + hv)⟩ − ⟨w, g(x − hv)⟩) / 2h,
+    for a fixed random projection w; the RNG is reseeded for every call (a random map compares like with like).
+    Returns the cosine between the two vectors and the ratio of their norms. A gradient attack can only follow a
+    map whose gradient agrees (cosine ≳ 0.9 for CAM and Grad-CAM on the bundled ResNet); a map detached from its
+    input plus a tiny term in x gives cosine ≈ 0 and ratio ≈ 0."""
+    gen = torch.Generator().manual_seed(seed)
+    x = x.detach().clamp(h, 1 - h)
+
+    def proj(xx: torch.Tensor, w: torch.Tensor | None = None):
+        with torch.random.fork_rng(devices=[xx.device] if xx.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            m = it(xx, y).saliency
+        return m if w is None else (m * w).sum()
+
+    xg = x.clone().requires_grad_(True)
+    m = proj(xg)
+    w = (torch.randn(m.shape, generator=gen) / m[0].numel() ** 0.5).to(m)
+    g = torch.autograd.grad((m * w).sum(), xg, allow_unused=True)[0] if m.requires_grad else None
+    g = torch.zeros_like(x) if g is None else g.detach()
+    ad, fd = [], []
+    for _ in range(directions):
+        v = (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1).to(x)
+        ad.append(float((g * v).sum()))
+        fd.append(float(proj(x + h * v, w).detach() - proj(x - h * v, w).detach()) / (2 * h))
+    a, f = torch.tensor(ad), torch.tensor(fd)
+    if max(float(a.norm()), float(f.norm())) < 1e-8:
+        return {"cosine": 1.0, "ratio": 1.0}  # a flat map: nothing to disagree about
+    cos = float(a @ f / (a.norm() * f.norm()).clamp_min(1e-12))
+    return {"cosine": round(cos, 3), "ratio": round(float(a.norm() / f.norm().clamp_min(1e-12)), 3)}
+
+
+def _check_faithful(interps: dict, names: list[str], x: torch.Tensor, y: torch.Tensor, opaque: set) -> dict:
+    """A team's maps whose gradient disagrees with their finite differences (cosine < 0.5, or a norm ratio off by
+    10×): {name: why}. Their gradient attacks follow another function, so their spoofability is a lower bound."""
+    out = {}
+    for name in names:
+        if name in opaque:
+            continue
+        ag = gradient_agreement(interps[name], x[:2], y[:2])
+        if ag["cosine"] < 0.5 or not 0.1 <= ag["ratio"] <= 10:
+            out[name] = (f"its gradient disagrees with its finite differences (cosine {ag['cosine']:.2f}, norm ratio "
+                         f"{ag['ratio']:.2f} along random directions): the gradient attack followed another function")
+    return out
+
+
 def _exclude_opaque(t: Target, opaque: set, warnings: list[str]) -> None:
     """Interpreters without a gradient (and no native twin) leave every gradient attack: ADV² becomes black-box
     ADV², and defaults that would optimise through them (the members of the ensemble and stability detectors,
@@ -628,6 +699,9 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
         x = x.contiguous(memory_format=torch.channels_last)
     y_t = target_classes(y.cpu(), model.num_classes, torch.Generator().manual_seed(seed)).to(device)
     warnings += _preflight(t, model, interps, x, y, opaque)
+    unfaithful = _check_faithful(interps, [n for n in interps if n in provided], x, y, opaque)
+    for n, why in unfaithful.items():
+        warnings.append(f"UNFAITHFUL GRADIENT: {n}: {why}; its spoofability is a lower bound")
     _exclude_opaque(t, opaque, warnings)
     if len(x) < t.n:
         warnings.append(f"only {len(x)} correctly classified inputs available (asked for {t.n})")
@@ -659,7 +733,7 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
                             f"drawn afresh every step (attack_samples); every iterate is judged by the deployed map")
     return Deployment(model, interps, eps, x, y, y_t, None if x_cal is None else x_cal.to(device),
                       None if x_held is None else x_held.to(device), warnings, pool, precision, compile, defended,
-                      transfer, opaque, views)
+                      transfer, opaque, views, unfaithful=unfaithful)
 
 
 TORCH_SQUEEZERS = ("bits-2", "bits-3", "median-2", "median-3")
@@ -1270,13 +1344,19 @@ def headline(targets: dict) -> dict:
     worst, where = max(cands, key=lambda c: c[0]["mean"])
     lower = [f"{key} / {name}: {a['lower_bound']}" for key, tg in targets.items()
              for name, a in tg["summary"]["interpreters"].items() if a.get("lower_bound")]
+    # listed interpreters no attack measured: not even a lower bound; a gate cannot pass over them
+    unmeasured = [f"{key} / {name}: {a['not_attacked']}" for key, tg in targets.items()
+                  for name, a in tg["summary"]["interpreters"].items() if a.get("not_attacked")]
     # an undefended row whose attack ensemble still gained at its costliest members: a lower bound as well
     lower += [f"{key} / {name}: NOT CONVERGED under the attack ensemble ({a['convergence']['reason']})"
               for key, tg in targets.items() for name, a in tg["summary"]["interpreters"].items()
               if "spoofability" in a and (a.get("convergence") or {}).get("status") == "not converged"]
     return {"spoofability": worst["mean"], "ci95": worst["ci95"], "k": worst["k"], "n": worst["n"], "where": where,
             "interval": worst["interval"], "status": "inconclusive" if reasons else "measured",
-            "inconclusive": reasons, "lower_bound": lower}
+            "inconclusive": reasons, "lower_bound": lower, "not_attacked": unmeasured,
+            # random weights, asked for: a look at a network, no deployment's figure; it passes no gate
+            "untrained": ", ".join(key for key, tg in targets.items()
+                                   if (tg.get("target") or {}).get("weights") == "random") or None}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1337,7 +1417,11 @@ def resolve_batch_size(cfg: AuditConfig, t: Target, dep: Deployment, journal: "J
     """The batch size of this target's run, fixed in its journal: a resumed run must cut the same batches."""
     saved = journal.dir / "batch_size"
     if resume and saved.is_file():
-        b = int(saved.read_text())
+        text = saved.read_text().strip()
+        if not text.isdigit() or int(text) < 1:
+            raise AuditError(f"{saved} should hold the run's batch size (a whole number ≥ 1) but holds {text[:40]!r}: "
+                             f"the journal was damaged; start again with --overwrite")
+        b = int(text)
         if cfg.batch_size not in ("auto", b):
             raise AuditError(f"this run of {t.key()} was journaled with batch size {b}, not {cfg.batch_size}: "
                              f"resume with --batch-size {b} (or auto), or start again with --overwrite")
@@ -1369,11 +1453,15 @@ def journal_settings(cfg: AuditConfig, t: Target) -> dict:
 
 def fingerprint(cfg: AuditConfig, t: Target, dep: Deployment) -> dict:
     """What every journal batch of a target must have been made with: the weights of the model and of every
-    interpreter (RTS's saliency net), the audited inputs with their classes and targets, the settings."""
+    interpreter (RTS's saliency net), the audited inputs with their classes and targets, the benign images the
+    detectors are calibrated and held out on (every kind of data: a folder's may change between runs), the
+    settings."""
     mods = {id(m): m for it in dep.interpreters.values() for m in it.modules()}
     mods.setdefault(id(dep.model), dep.model)
     weights = [v for m in mods.values() for _, v in sorted(m.state_dict().items())]
-    return {"model": _sha(weights), "data": _sha([dep.x.float(), dep.y, dep.y_t]), "config": journal_settings(cfg, t)}
+    benign = [c.float() for c in (dep.x_cal, dep.x_heldout) if c is not None]
+    return {"model": _sha(weights), "data": _sha([dep.x.float(), dep.y, dep.y_t]),
+            "calibration": _sha(benign), "config": journal_settings(cfg, t)}
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
@@ -1382,41 +1470,77 @@ def config_diff(old: dict, new: dict) -> list[str]:
             if old.get(k) != new.get(k)]
 
 
+def journal_folder(key: str) -> str:
+    """A target's journal folder name: its key with every character but letters, digits and ``@ . _ + -``
+    replaced by ``_``, never hidden, ``.`` or ``..`` (so it stays inside the journal folder). Two targets whose
+    names meet here are refused up front (:meth:`AuditConfig.validate`)."""
+    name = re.sub(r"[^\w@.+-]", "_", key, flags=re.ASCII)
+    return name if name and not name.startswith(".") else "_" + name
+
+
+def digest(rec: dict) -> str:
+    """A batch's content digest (SHA-256 of its canonical JSON, the digest itself left out)."""
+    body = json.dumps({k: v for k, v in rec.items() if k != "digest"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def key_paths(rec, prefix: str = "") -> set[str]:
+    """The dict-key paths of a (nested) record: two batches of one run have the same."""
+    if not isinstance(rec, dict):
+        return set()
+    return {p for k, v in rec.items() for p in {f"{prefix}/{k}", *key_paths(v, f"{prefix}/{k}")}}
+
+
 class Journal:
     """Per-batch JSON files under run_dir/journal/<target>/; written atomically, read back on resume.
 
-    Each batch carries the target's :func:`fingerprint` and the sample indices it covers; ``load`` refuses a
-    batch made with other weights, data or settings, or one moved from another batch's place."""
+    Each batch carries the target's :func:`fingerprint`, the sample indices it covers and a digest of its own
+    content; ``load`` refuses a batch made with other weights, data or settings, or one moved from another
+    batch's place, and redoes one whose content no longer matches its digest (edited or damaged since it was
+    written: ``redone`` lists them, and the report says so)."""
 
     def __init__(self, run_dir: Path, target_key: str, fingerprint: dict | None = None) -> None:
-        self.dir = run_dir / "journal" / target_key.replace("/", "_")
+        self.dir = run_dir / "journal" / journal_folder(target_key)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
+        self.redone: list[int] = []
 
     def path(self, i: int) -> Path:
         return self.dir / f"batch_{i:05d}.json"
 
     def load(self, i: int, index: list[int] | None = None) -> dict | None:
-        """Batch ``i`` (without its fingerprint), None when absent or half-written; AuditError when it is not
-        this run's batch ``i`` covering samples ``index``."""
+        """Batch ``i`` (without its fingerprint and digest), None when absent, half-written or failing its digest
+        (then it is redone); AuditError when it is not this run's batch ``i`` covering samples ``index``."""
         p = self.path(i)
         if not p.is_file():
             return None
         try:
             rec = json.loads(p.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             log.warning("journal %s is unreadable (killed mid-write?); redoing that batch", p)
             return None
-        got = rec.pop("fingerprint", None) if isinstance(rec, dict) else None
+        if not isinstance(rec, dict):
+            raise AuditError(f"journal {p} is not a journal batch (a JSON {type(rec).__name__}); start the run again "
+                             f"with --overwrite (or another --name)")
+        if self.fingerprint is not None and rec.get("digest") != digest(rec):
+            if "digest" not in rec:
+                raise AuditError(f"journal {p} carries no digest (written by an older underfire): it cannot be "
+                                 f"checked; start the run again with --overwrite (or another --name)")
+            log.warning("journal %s does not match its digest (edited or damaged); redoing that batch", p)
+            if i not in self.redone:
+                self.redone.append(i)
+            return None
+        rec.pop("digest", None)
+        got = rec.pop("fingerprint", None)
         if self.fingerprint is not None:
-            self._verify(p, got, rec.get("index") if isinstance(rec, dict) else None, index)
+            self._verify(p, got, rec.get("index"), index)
         return rec
 
     def _verify(self, p: Path, got: dict | None, have: list | None, want: list[int] | None) -> None:
         again = "start the run again with --overwrite (or another --name)"
-        if not isinstance(got, dict) or set(got) != {"model", "data", "config"}:
-            raise AuditError(f"journal {p} carries no fingerprint (written by an older underfire, or not a "
-                             f"journal batch): it cannot be checked against this run; {again}")
+        if not isinstance(got, dict) or set(got) != set(self.fingerprint):
+            raise AuditError(f"journal {p} carries no fingerprint of this version (written by an older underfire, or "
+                             f"not a journal batch): it cannot be checked against this run; {again}")
         if want is not None and have != want:
             span = f"{have[0]}–{have[-1]}" if isinstance(have, list) and have else repr(have)
             raise AuditError(f"journal {p} covers samples {span}, but batch {p.stem} is samples {want[0]}–{want[-1]}: "
@@ -1428,13 +1552,15 @@ class Journal:
         if got["config"] != fp["config"]:
             raise AuditError(f"journal {p} was made with other settings ({'; '.join(config_diff(got['config'], fp['config']))}); "
                              f"resume with the same settings, or {again}")
-        if got["data"] != fp["data"]:
-            raise AuditError(f"journal {p} was made on other audit data (data fingerprint {got['data']} ≠ "
-                             f"{fp['data']}): the dataset changed since the run started; {again}")
+        for part, what in (("data", "audit data"), ("calibration", "calibration / held-out images")):
+            if got[part] != fp[part]:
+                raise AuditError(f"journal {p} was made on other {what} ({part} fingerprint {got[part]} ≠ {fp[part]}): "
+                                 f"the data changed since the run started; {again}")
 
     def save(self, i: int, rec: dict) -> None:
         tmp = self.path(i).with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec if self.fingerprint is None else {**rec, "fingerprint": self.fingerprint}))
+        rec = rec if self.fingerprint is None else {**rec, "fingerprint": self.fingerprint}
+        tmp.write_text(json.dumps({**rec, "digest": digest(rec)} if self.fingerprint is not None else rec))
         os.replace(tmp, self.path(i))
 
 
@@ -1569,17 +1695,39 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
         batches = [journal.load(i, index[i]) for i in range(n_batches)]
         if any(b is None for b in batches):
             raise AuditError(f"journal of {key} is missing batches after the run; run again with --resume")
+        shape = key_paths(batches[0])
+        for i, b in enumerate(batches[1:], 1):
+            if key_paths(b) != shape:
+                odd = sorted(key_paths(b) ^ shape)[0]
+                raise AuditError(f"journal batch {journal.path(i)} does not fit batch 0 (key {odd} is in one only): "
+                                 f"the journal was edited or written by another version; start the run again "
+                                 f"with --overwrite")
         records = merge_batches(batches)
         decisions = {d: det.decision for d, det in dets.items()}
         det_info = {d: _det_info(det.calibration, det.decision, detector_cost(det)) for d, det in dets.items()}
-        summary = aggregate(records, decisions, cfg.bootstrap, cfg.seed, det_info, t.defenses, cfg.fpr,
-                            t.smooth_samples)
+        try:
+            summary = aggregate(records, decisions, cfg.bootstrap, cfg.seed, det_info, t.defenses, cfg.fpr,
+                                t.smooth_samples)
+        except (IndexError, KeyError, TypeError) as exc:  # per-sample lists that do not line up
+            raise AuditError(f"the journal of {key} cannot be aggregated ({type(exc).__name__}: {exc}): a batch was "
+                             f"edited or written by another version; start the run again with --overwrite") from exc
+        for name in t.interpreters:  # listed, but no attack measured its spoofability: it passes no gate
+            a = summary["interpreters"].setdefault(name, {"tau": float("nan")})
+            if "spoofability" not in a:
+                a["not_attacked"] = (
+                    "not among adv2_interpreters: no attack on its map ran" if name not in _adv2_names(t) else
+                    "no ADV² on its map ran (add 'adv2' to the attacks)" if "adv2" not in t.attacks else
+                    "no attack on its map could be measured")
         for name, a in summary["interpreters"].items():  # no white-box attack read this map's gradient
             how = ("query ADV² only (the map has no gradient)" if name in dep.opaque else
                    f"transfer from the {'surrogate' if name.startswith('opaque:') else 'native twin'} "
                    f"{dep.transfer[name]}" if name in dep.transfer else None)
+            how = how or dep.unfaithful.get(name)
             if how and "spoofability" in a:
                 a["lower_bound"] = how + (" and query ADV²" if "blackbox" in a and name in dep.transfer else "")
+        if journal.redone:
+            dep.warnings.append(f"journal batches {', '.join(str(i + 1) for i in journal.redone)} no longer matched "
+                                f"their digests (edited or damaged since they were written) and were redone")
         report["targets"][key] = {
             "target": asdict(t), "model": dep.model.name, "eps_255": round(dep.eps * 255, 3), "n": n,
             "batch_size": bs, "linf_as_l2": linf_as_l2(dep.eps, dep.x.shape[1:]), "fingerprint": {k: v for k, v in journal.fingerprint.items() if k != "config"},

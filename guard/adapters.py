@@ -125,7 +125,7 @@ class Opaque(Adapter):
     what the missing gradient costs the attacker, beside the white-box ``<name>``."""
 
     def __init__(self, model, inner: str, surrogate: str | None = None, **kw) -> None:
-        from guard.interpreters.base import build_interpreter
+        from guard.interpreters.base import build_interpreter, check_name
 
         Interpreter.__init__(self, model)
         if not inner or inner.startswith(("opaque:", "captum:", "gradcam:")):
@@ -133,8 +133,10 @@ class Opaque(Adapter):
         if surrogate is not None and surrogate.startswith(("opaque:", "captum:", "gradcam:")):
             raise InterpreterError(f"the surrogate of opaque:{inner} must be a native interpreter with a gradient, "
                                    f"not {surrogate!r}")
+        name = f"opaque:{inner}" + (f"@{surrogate}" if surrogate else "")
+        check_name(name)  # an unknown served map or surrogate is named as such, before anything is built
         self.inner = build_interpreter(inner, model, **kw)
-        self.name = f"opaque:{inner}" + (f"@{surrogate}" if surrogate else "")
+        self.name = name
         self.method, self.kw, self.twin = inner, kw, surrogate
 
     def modules(self):

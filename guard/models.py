@@ -349,16 +349,35 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """``torch.load(path, weights_only=True)`` with errors that name the file and the problem."""
+def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", error: type = None):
+    """``torch.load(path, weights_only=True)``; a file that cannot be read that way raises ``error`` (ModelError by
+    default) with one message naming the file and what is wrong: missing, empty, a whole pickled Python object
+    (an ``nn.Module``: weights-only loading refuses to run its code; save ``module.state_dict()`` instead), or not
+    a torch file at all."""
+    error = error or ModelError
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"checkpoint not found: {path}")
+        raise error(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise error(f"{what} {path} is an empty file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip, ...
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ModelError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__}: {first})") from exc
+        text = str(exc)
+        if "Unsupported global" in text or "Unsupported class" in text:  # a pickled object, not plain tensors
+            raise error(f"{what} {path} holds a whole pickled Python object (such as an nn.Module), which underfire "
+                        f"does not unpickle (it could run any code): save plain tensors instead, e.g. "
+                        f"torch.save(model.state_dict(), path)") from None
+        first = text.strip().splitlines()[0][:200] if text.strip() else ""
+        if "weights_only" in first or "Weights only" in first:  # torch's advice to unpickle anything: not ours
+            first = first.split(".")[0]
+        raise error(f"{what} {path} is corrupt or not a torch file ({type(exc).__name__}: {first})") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint file's dict (``torch.load(path, weights_only=True)``), with errors that name the file and the
+    problem."""
+    obj = load_torch_file(path, "checkpoint")
     if not isinstance(obj, dict):
         raise ModelError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (state_dict or checkpoint)")
     return obj

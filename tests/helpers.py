@@ -85,3 +85,86 @@ def masked_model() -> ImageClassifier:
 def raising_model() -> ImageClassifier:
     """An entry point that fails the way user code does."""
     raise RuntimeError("cannot open /models/prod.ckpt")
+
+
+# -- a team's maps, for the fail-closed tests --------------------------------------------------------------------
+def _cam_of(m):
+    from guard.interpreters import build_interpreter
+
+    return build_interpreter("cam", m)
+
+
+def honest_map_model():
+    """The bundled ResNet with a team's own map: CAM computed in plain torch (its gradient is its derivative)."""
+    from guard.models import load_model
+
+    m = load_model("fmnist_resnet")
+    cam = _cam_of(m)
+    return m, {"ours": lambda x, t: cam(x, t).saliency}
+
+
+def detached_map_model():
+    """A team's map detached from its input plus a tiny term in x: its gradient is not zero (pre-flight's first
+    check passes) but says nothing about how the map changes."""
+    from guard.models import load_model
+
+    m = load_model("fmnist_resnet")
+    cam = _cam_of(m)
+    return m, {"ours": lambda x, t: cam(x.detach(), t).saliency.detach() + 1e-4 * x.mean((1, 2, 3)).view(-1, 1, 1, 1)}
+
+
+def raising_map_model():
+    """A team's map that raises on its first call."""
+    from guard.models import load_model
+
+    def broken(x, t):
+        raise RuntimeError("explanation service unavailable")
+    return load_model("fmnist_resnet"), {"ours": broken}
+
+
+def later_raising_map_model():
+    """A team's map that works for its first calls (pre-flight passes) and then raises mid-attack."""
+    from guard.models import load_model
+
+    m = load_model("fmnist_resnet")
+    cam, calls = _cam_of(m), [0]
+
+    def flaky(x, t):
+        calls[0] += 1
+        if calls[0] > 40:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return cam(x, t).saliency
+    return m, {"ours": flaky}
+
+
+def empty_map_model():
+    """A team's map that returns an empty tensor."""
+    from guard.models import load_model
+
+    return load_model("fmnist_resnet"), {"ours": lambda x, t: torch.zeros(len(x), 1, 0, 0)}
+
+
+class Ran:
+    """What a CLI run left: exit status and its two streams (the shape of subprocess.CompletedProcess)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli_here(*args, env: dict | None = None, cwd: Path | None = None) -> Ran:
+    """``underfire ARGS`` in this process (click's runner: no torch import to pay); an exception that is not an
+    exit is re-raised, so a test sees an internal error as one. ``cwd``: the working folder meanwhile."""
+    from click.testing import CliRunner
+
+    from audit.cli import main
+
+    old = Path.cwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        r = CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=True)
+    finally:
+        os.chdir(old)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return Ran(r.exit_code, r.stdout, r.stderr)

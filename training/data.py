@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -97,16 +98,44 @@ def fashion_mnist(split: str = "test", limit: int | None = None) -> TensorDatase
 # --------------------------------------------------------------------------------------------------------
 # Image files: the bundled photos and ImageFolder trees
 # --------------------------------------------------------------------------------------------------------
+# Pillow modes whose samples are wider than 8 bits, with their full scale (PNG / TIFF 16-bit greyscale opens as
+# I;16*, or as the 32-bit "I" mode, which here always carries 16-bit samples).
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def _eight_bit(im: Image.Image, path: Path) -> Image.Image:
+    """``im`` as 8-bit "RGB" or "L" by its real range: 16-bit samples scaled (not clipped: Pillow's own
+    ``convert("L")`` turns every value above 255 white), transparency flattened onto white, palette / CMYK /
+    YCbCr through Pillow's conversions. Float images have no stated range and are refused."""
+    if im.mode in WIDE_MODES:
+        a = np.asarray(im).astype(np.float64)
+        if a.size and (a.min() < 0 or a.max() > WIDE_MODES[im.mode]):
+            raise DataError(f"image {path} holds {im.mode}-mode samples outside 0–{WIDE_MODES[im.mode]}: save it "
+                            f"as an 8- or 16-bit image")
+        return Image.fromarray(np.round(a * (255 / WIDE_MODES[im.mode])).astype(np.uint8), "L")
+    if im.mode == "F":
+        raise DataError(f"image {path} holds 32-bit float samples, whose range is not stated in the file: save "
+                        f"it as an 8- or 16-bit image")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        flat.alpha_composite(rgba)
+        return flat.convert("RGB")
+    return im if im.mode in ("RGB", "L") else im.convert("RGB")
+
+
 def load_image(path: str | os.PathLike, size: int | None = 224, channels: int = 3) -> torch.Tensor:
-    """One image file as (C, size, size) in [0, 1]: resize the short side, centre-crop.
+    """One image file as (C, size, size) in [0, 1]: converted to 8 bits by its real range (16-bit samples scaled,
+    transparency flattened onto white), then the short side resized and the centre cropped.
 
     Raises:
-        DataError: the file is missing or cannot be decoded as an image.
+        DataError: the file is missing, cannot be decoded as an image, is over Pillow's decompression-bomb
+            limit, or holds samples whose range is not defined (float images).
     """
     path = Path(path)
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
+            im = _eight_bit(im, path).convert("RGB" if channels == 3 else "L")
             if size is not None:
                 w, h = im.size
                 s = size / min(w, h)
@@ -117,6 +146,11 @@ def load_image(path: str | os.PathLike, size: int | None = 224, channels: int = 
             arr = np.asarray(im, dtype=np.uint8)
     except FileNotFoundError as exc:
         raise DataError(f"image not found: {path}") from exc
+    except Image.DecompressionBombError as exc:
+        got = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(got[1]):,} pixels" if got else "too many pixels"
+        raise DataError(f"image {path} has {size}, over Pillow's decompression-bomb limit of "
+                        f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,}: downscale it first") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"cannot decode image {path}: {exc}") from exc
     t = torch.from_numpy(arr.copy()).float().div_(255)
@@ -124,7 +158,29 @@ def load_image(path: str | os.PathLike, size: int | None = 224, channels: int = 
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files directly in ``folder``, sorted; hidden entries (``.thumbnails``, ``._x.jpg``) skipped."""
+    return sorted(p for p in folder.iterdir()
+                  if not p.name.startswith(".") and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def folder_kind(root: Path) -> str:
+    """"plain" (images directly in ``root``, unlabelled) or "classes" (an ImageFolder tree: ``root/<class>/``).
+
+    Hidden entries are skipped. A folder holding both images and subfolders is refused, naming both, and so is a
+    folder named like an image (``x.png/``): which one the user meant cannot be guessed."""
+    entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
+    odd = [e for e in entries if e.is_dir() and e.suffix.lower() in IMAGE_SUFFIXES]
+    if odd:
+        raise DataError(f"{odd[0]} is a folder named like an image file: rename it, or point --data at the images "
+                        f"themselves")
+    images = [e for e in entries if e.is_file() and e.suffix.lower() in IMAGE_SUFFIXES]
+    dirs = [e for e in entries if e.is_dir()]
+    if images and dirs:
+        raise DataError(f"{root} holds both images ({images[0].name}{', ...' if len(images) > 1 else ''}) and "
+                        f"subfolders ({', '.join(d.name + ('/ (a link)' if d.is_symlink() else '/') for d in dirs[:3])}"
+                        f"{', ...' if len(dirs) > 3 else ''}): point --data at a folder of images or at an "
+                        f"ImageFolder tree (root/<class>/<image>), not a mix")
+    return "classes" if dirs else "plain"
 
 
 def load_images(paths: Sequence[str | os.PathLike], size: int = 224, channels: int = 3) -> tuple[torch.Tensor, list[str]]:
@@ -159,7 +215,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"ImageFolder root {self.root} is not a directory")
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.classes:
             raise DataError(f"ImageFolder root {self.root} has no class subfolders (expected root/<class>/<image>)")
         self.samples = [(f, i) for i, c in enumerate(self.classes) for f in _image_files(self.root / c)]

@@ -37,12 +37,46 @@ class TrainConfig:
         return asdict(self)
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(ValueError):
+    """The environment claims a distributed run (torchrun's variables) that cannot be joined."""
+
+
 def distributed_setup() -> tuple[int, int]:
-    """Initialise torch.distributed when launched by torchrun; returns (rank, world_size)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    """Initialise torch.distributed when launched by torchrun; returns (rank, world_size) of the process group.
+
+    A process is distributed only when a group forms: variables that claim a distributed run without what
+    torchrun sets with them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, a rank below the world size), or a group
+    that cannot be joined, raise :class:`LaunchError`, so that no stray ``RANK`` in an environment makes a
+    process act as a worker of a job that does not exist (unlocked, in a folder it did not set up)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    claimed = [v for v in (*LAUNCH_VARS, "LOCAL_RANK") if v in os.environ]
+    if not claimed:
         return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    missing = [v for v in LAUNCH_VARS if not os.environ.get(v)]
+    fix = "launch it with torchrun, or unset them"
+    if missing:
+        raise LaunchError(f"the environment claims a distributed run ({', '.join(claimed)} set) but lacks "
+                          f"{', '.join(missing)}: {fix}")
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise LaunchError(f"RANK and WORLD_SIZE must be integers, got {os.environ['RANK']!r} and "
+                          f"{os.environ['WORLD_SIZE']!r}: {fix}") from None
+    if not 0 <= rank < world:
+        raise LaunchError(f"RANK {rank} is not below WORLD_SIZE {world}: {fix}")
+    from datetime import timedelta
+
+    timeout = timedelta(seconds=float(os.environ.get("UNDERFIRE_DIST_TIMEOUT", 600)))
+    try:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 (rendezvous errors come in many types)
+        raise LaunchError(f"could not join the distributed run that RANK={rank} WORLD_SIZE={world} MASTER_ADDR="
+                          f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} claim ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): {fix}") from None
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -203,7 +203,14 @@ class FunctionInterpreter(Interpreter):
     def explain(self, x, target):
         logits = self.model(x)
         t = pick_target(logits, target).detach()
-        m = self.fn(x, t)
+        try:
+            m = self.fn(x, t)
+        except InterpreterError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (a team's code fails in its own ways: name it, no traceback)
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise InterpreterError(f"interpreter {self.name!r} raised {type(exc).__name__}"
+                                   f"{': ' + msg if msg else ''} (on a batch of {len(x)} inputs)") from exc
         if not isinstance(m, torch.Tensor):
             raise InterpreterError(f"interpreter {self.name!r} returned {type(m).__name__}, expected a tensor map")
         if m.ndim == 3:
@@ -211,6 +218,8 @@ class FunctionInterpreter(Interpreter):
         if m.ndim != 4 or m.shape[0] != x.shape[0] or m.shape[1] != 1:
             raise InterpreterError(f"interpreter {self.name!r} returned a map of shape {tuple(m.shape)}; expected "
                                    f"(B, 1, h, w) or (B, h, w) with B = {x.shape[0]}")
+        if m.numel() == 0:
+            raise InterpreterError(f"interpreter {self.name!r} returned an empty map (shape {tuple(m.shape)})")
         m = m.to(x.dtype)
         if not torch.isfinite(m).all():
             raise InterpreterError(f"interpreter {self.name!r} returned NaN or inf")
@@ -236,6 +245,40 @@ def register(name: str):
         return cls
 
     return deco
+
+
+def check_name(name: str) -> None:
+    """Refuse an interpreter name that :func:`build_interpreter` could never build, without a model (so that an
+    audit names a bad interpreter before anything loads). The part that is unknown is the one named: the inner
+    map of ``smooth:<name>`` / ``opaque:<name>``, or the surrogate of ``opaque:<name>@<surrogate>``."""
+    from guard import interpreters  # noqa: F401  (fills the registry)
+
+    def plain(n: str, what: str) -> None:
+        if n not in REGISTRY and n not in ("smoothgrad", "beta:grad"):
+            raise InterpreterError(f"{what} {n!r} is not a known interpreter; known: "
+                                   f"{', '.join(sorted([*REGISTRY, 'smoothgrad', 'beta:grad']))}")
+
+    if not isinstance(name, str) or not name:
+        raise InterpreterError(f"an interpreter name is a non-empty string, got {name!r}")
+    prefix, colon, rest = name.partition(":")
+    if not colon or name == "beta:grad":
+        return plain(name, "interpreter")
+    if prefix == "smooth":
+        return plain(rest, f"in {name!r}, the smoothed interpreter")
+    if prefix == "opaque":
+        inner, at, surrogate = rest.partition("@")
+        plain(inner, f"in {name!r}, the served interpreter")
+        if at:
+            plain(surrogate, f"in {name!r}, the surrogate")
+        return None
+    if prefix in ("captum", "gradcam"):
+        if not rest:
+            raise InterpreterError(f"{name!r}: name a method, e.g. captum:IntegratedGradients or gradcam:GradCAM")
+        return None
+    if prefix == "beta":
+        raise InterpreterError(f"{name!r}: β-smoothing changes a gradient map's backward pass; only 'beta:grad' exists")
+    raise InterpreterError(f"interpreter {name!r} has an unknown prefix {prefix!r}: known prefixes are smooth:, "
+                           f"captum:, gradcam:, opaque:")
 
 
 def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
