@@ -26,9 +26,9 @@ Success (ASR) keeps the attack's own definition; detection is measured separatel
 
 from __future__ import annotations
 
-from attacks.pgd import Attack
-from attacks.threats import AttackError
-from guard.calibration import Detector
+from underfire.attacks.pgd import Attack
+from underfire.attacks.threats import AttackError
+from underfire.guard.calibration import Detector
 
 
 def adaptive(attack: Attack, detector: Detector, margin: float = 0.75, weight: float = 5.0,

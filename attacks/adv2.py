@@ -15,10 +15,10 @@ import math
 
 import torch
 
-from attacks.objectives import cw_margin, l2sq, ramp, stepwise
-from attacks.pgd import Attack, Stage
-from attacks.threats import AttackError, LinfBall
-from guard.interpreters.base import Explanation
+from underfire.attacks.objectives import cw_margin, l2sq, ramp, stepwise
+from underfire.attacks.pgd import Attack, Stage
+from underfire.attacks.threats import AttackError, LinfBall
+from underfire.guard.interpreters.base import Explanation
 
 STEP = 1 / 255
 

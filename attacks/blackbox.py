@@ -34,11 +34,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attacks.objectives import cw_margin, nll
-from attacks.pgd import Attack, AttackResult, Stage
-from attacks.threats import AttackError, LinfBall
-from guard.interpreters.base import Explanation, Interpreter
-from guard.maps import l1
+from underfire.attacks.objectives import cw_margin, nll
+from underfire.attacks.pgd import Attack, AttackResult, Stage
+from underfire.attacks.threats import AttackError, LinfBall
+from underfire.guard.interpreters.base import Explanation, Interpreter
+from underfire.guard.maps import l1
 
 THREATS = {
     "graybox": "gray box: the classifier is white-box; the interpreter answers queries with maps only",

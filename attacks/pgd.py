@@ -27,9 +27,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from attacks.objectives import INT_LOSSES, PRED_LOSSES, Schedule, constant
-from attacks.threats import AttackError, LinfBall
-from guard.interpreters.base import Explanation, Interpreter, trusted_inputs
+from underfire.attacks.objectives import INT_LOSSES, PRED_LOSSES, Schedule, constant
+from underfire.attacks.threats import AttackError, LinfBall
+from underfire.guard.interpreters.base import Explanation, Interpreter, trusted_inputs
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Attack:
 
     # -- checks --------------------------------------------------------------------------------------------
     def _validate(self, interp, x, y_t, map_t) -> None:
-        from guard.interpreters.base import InterpreterError, check_input
+        from underfire.guard.interpreters.base import InterpreterError, check_input
 
         try:
             check_input(x, interp.model, y_t)

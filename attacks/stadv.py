@@ -15,9 +15,9 @@ leaves the map too far from benign (L1 ratio to stAdv 0.56), 20 → 40 reaches 0
 
 from __future__ import annotations
 
-from attacks.objectives import nll, ramp
-from attacks.pgd import Attack, Stage
-from attacks.threats import FlowField, flow_loss
+from underfire.attacks.objectives import nll, ramp
+from underfire.attacks.pgd import Attack, Stage
+from underfire.attacks.threats import FlowField, flow_loss
 
 
 def _two_nll(z, t):

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from attacks.threats import AttackError
+from underfire.attacks.threats import AttackError
 
 STEP = 1 / 255
 

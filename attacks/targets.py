@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from attacks.threats import AttackError
+from underfire.attacks.threats import AttackError
 
 
 def target_classes(y: torch.Tensor, num_classes: int, gen: torch.Generator | None = None) -> torch.Tensor:

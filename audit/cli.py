@@ -18,9 +18,9 @@ from pathlib import Path
 import click
 import torch
 
-from guard.interpreters.base import InterpreterError
-from guard.models import ModelError, list_models, load_model, load_torch_file, save_checkpoint
-from training.data import DataError
+from underfire.guard.interpreters.base import InterpreterError
+from underfire.guard.models import ModelError, list_models, load_model, load_torch_file, save_checkpoint
+from underfire.training.data import DataError
 
 KNOWN_ERRORS = (ModelError, DataError, InterpreterError, ValueError, OSError)
 EXIT_CODES = """Exit status: 0 the audit measured the deployment (and it is within --fail-above); 1 an error
@@ -91,7 +91,7 @@ def models_cmd() -> None:
 def predict(images: tuple[Path, ...], model_name: str, weights: str | None, top: int, as_json: bool) -> None:
     """Print the top-k classes of IMAGES (files or folders; default: the bundled real photos, or 8 Fashion-MNIST
     test images for a 28×28 grey-scale model)."""
-    from training.data import fashion_mnist, load_images, photos, stack
+    from underfire.training.data import fashion_mnist, load_images, photos, stack
 
     model = load_model(model_name, weights)
     c, h, _ = model.input_size
@@ -110,7 +110,7 @@ def predict(images: tuple[Path, ...], model_name: str, weights: str | None, top:
     cats = model.categories or [str(i) for i in range(probs.shape[1])]
     p, idx = probs.topk(min(top, probs.shape[1]), dim=1)
     if as_json:
-        from audit.runner import environment
+        from underfire.audit.runner import environment
 
         click.echo(json.dumps({"kind": "predictions", "model": model.name, "weights": weights,
                                "environment": environment(torch.device("cpu")),
@@ -136,9 +136,9 @@ def predict(images: tuple[Path, ...], model_name: str, weights: str | None, top:
 @friendly
 def explain(images, model_name, names, count, mask_steps, out) -> None:
     """Write PNG overlays of each interpreter's map on IMAGES (default: bundled photos or Fashion-MNIST)."""
-    from audit.report import overlay_grid
-    from guard.interpreters import build_interpreter
-    from training.data import fashion_mnist, load_images, photos, stack
+    from underfire.audit.report import overlay_grid
+    from underfire.guard.interpreters import build_interpreter
+    from underfire.training.data import fashion_mnist, load_images, photos, stack
 
     model = load_model(model_name)
     c, h, _ = model.input_size
@@ -188,7 +188,7 @@ def train() -> None:
 @friendly
 def train_classifier_cmd(arch: str, epochs: int, batch_size: int, lr: float, seed: int, out: Path, device: str) -> None:
     """Train a 28×28 classifier on the real Fashion-MNIST training set and report test accuracy."""
-    from training.classifier import ClassifierConfig, train_classifier
+    from underfire.training.classifier import ClassifierConfig, train_classifier
 
     cfg = ClassifierConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     click.echo(f"training {arch} on Fashion-MNIST (60k) for {epochs} epochs on {device}, "
@@ -242,10 +242,10 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
                   start, eps, repel_weight, repel_margin, adv_weight, own_encoder, attack_steps, polish_epochs, area_match,
                   seed, out, device) -> None:
     """Train an RTS saliency network (or RTS^A) for a classifier and report its quality on held-out data."""
-    from training.data import ImageFolderDataset, fashion_mnist, stack
-    from training.rts import RTSConfig, rts_quality, train_rts
-    from training.rts_adv import RTSAdvConfig, train_rts_adv
-    from guard.interpreters.rts import RTS
+    from underfire.training.data import ImageFolderDataset, fashion_mnist, stack
+    from underfire.training.rts import RTSConfig, rts_quality, train_rts
+    from underfire.training.rts_adv import RTSAdvConfig, train_rts_adv
+    from underfire.guard.interpreters.rts import RTS
     from torch.utils.data import TensorDataset
 
     model = load_model(model_name)
@@ -311,9 +311,9 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
     import dataclasses
     import tomllib
 
-    from audit.defenses import NEEDS_TWO
-    from audit.presets import preset
-    from audit.runner import AuditConfig, AuditError, Target
+    from underfire.audit.defenses import NEEDS_TWO
+    from underfire.audit.presets import preset
+    from underfire.audit.runner import AuditConfig, AuditError, Target
 
     if config is not None:
         try:
@@ -353,7 +353,7 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
 
 
 def _check_gate(fail_above: float | None) -> None:
-    from audit.runner import AuditError
+    from underfire.audit.runner import AuditError
 
     if fail_above is not None and not 0 <= fail_above <= 1:
         raise AuditError(f"--fail-above is a spoofability in [0, 1] (0.2 means 20%), got {fail_above:g}")
@@ -365,10 +365,10 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
     and exit with the documented status: 0 measured and within --fail-above, 3 above it, 4 inconclusive."""
     import json
 
-    from audit.report import summary_text, summary_rows, write_report
-    from audit.rundir import RunFolder, check_writable
-    from audit.runner import AuditError, config_diff, run_audit
-    from training.loop import distributed_setup
+    from underfire.audit.report import summary_text, summary_rows, write_report
+    from underfire.audit.rundir import RunFolder, check_writable
+    from underfire.audit.runner import AuditError, config_diff, run_audit
+    from underfire.training.loop import distributed_setup
 
     check_writable(out)
     run_dir = out / cfg.name
@@ -397,7 +397,7 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
                     break
                 time.sleep(0.1)
 
-        from audit.progress import Progress
+        from underfire.audit.progress import Progress
 
         progress = Progress(enabled=rank == 0)  # tqdm bars on a terminal, timestamped lines otherwise
         report = run_audit(cfg, rf.work, resume=resume, progress=progress)
@@ -517,7 +517,7 @@ def audit_cmd(config, out, resume, overwrite, as_json, fail_above, **flags) -> N
 @friendly
 def reproduce_cmd(experiment, config, out, resume, overwrite, as_json, fail_above, **flags) -> None:
     """Run one of the paper's experiments as a preset audit and print the paper's numbers beside ours."""
-    from audit.presets import PAPER
+    from underfire.audit.presets import PAPER
 
     _check_gate(fail_above)
     name_given = flags.get("name") is not None
@@ -540,20 +540,20 @@ def reproduce_cmd(experiment, config, out, resume, overwrite, as_json, fail_abov
 @friendly
 def detect_cmd(inputs, model_name, calibrate_n, data, fpr, thresholds) -> None:
     """Feature-squeezing detection: calibrate thresholds, and/or score images, folders or a saved .pt batch."""
-    from guard.interpreters.base import check_input
-    from guard.squeeze import SqueezeDetector
-    from training.data import load_images
+    from underfire.guard.interpreters.base import check_input
+    from underfire.guard.squeeze import SqueezeDetector
+    from underfire.training.data import load_images
 
     model = load_model(model_name)
     det = SqueezeDetector(model)
     if calibrate_n is not None:
         if data == "fashion-mnist":
-            from training.data import fashion_mnist
+            from underfire.training.data import fashion_mnist
 
             xs = fashion_mnist("test").tensors[0]
             cal, held = xs[5000:5000 + calibrate_n], xs[7000:7000 + calibrate_n]
         else:
-            from training.data import ImageFolderDataset, stack
+            from underfire.training.data import ImageFolderDataset, stack
 
             x, _ = stack(ImageFolderDataset(data, size=model.input_size[1], channels=model.input_size[0]))
             cal, held = x[: len(x) // 2], x[len(x) // 2:]

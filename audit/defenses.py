@@ -110,7 +110,7 @@ def convergence(ens: dict | None, n: int) -> dict:
     compute is the share of inputs spoofed by members of at most that cost. The row is NOT CONVERGED when the
     strongest (costliest) members still raise it above the upper end of the exact 95% interval of what all
     cheaper members reached (more than the interval's noise); "unchecked" with a single member (quick)."""
-    from audit.metrics import rate
+    from underfire.audit.metrics import rate
 
     if not ens:
         return {"status": "unchecked", "reason": UNCHECKED}

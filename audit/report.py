@@ -207,7 +207,7 @@ def _not_compared(tg: dict) -> str | None:
 
 def comparison_rows(cmp: dict) -> list[list[str]]:
     """The defense comparison of one interpreter as text cells (terminal and HTML share them)."""
-    from audit.defenses import cost_text
+    from underfire.audit.defenses import cost_text
 
     out = []
     for r in cmp["rows"]:

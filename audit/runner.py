@@ -50,30 +50,30 @@ from typing import Callable
 
 import torch
 
-from attacks.adaptive import adaptive
-from attacks.adv2 import PGD, make_adv2
-from attacks.blackbox import THREATS, Counted, QueryAdv2, transfer_start
-from attacks.pgd import PRECISIONS
-from attacks.stadv import StAdv2
-from attacks.strength import LEVELS, STRENGTHS, Member, members, run_ensemble
-from attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
-from audit.defenses import (DEFENSES, DETECTORS, MAPS, NEEDS_TWO, combined_cost, combo, compare, convergence,
+from underfire.attacks.adaptive import adaptive
+from underfire.attacks.adv2 import PGD, make_adv2
+from underfire.attacks.blackbox import THREATS, Counted, QueryAdv2, transfer_start
+from underfire.attacks.pgd import PRECISIONS
+from underfire.attacks.stadv import StAdv2
+from underfire.attacks.strength import LEVELS, STRENGTHS, Member, members, run_ensemble
+from underfire.attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
+from underfire.audit.defenses import (DEFENSES, DETECTORS, MAPS, NEEDS_TWO, combined_cost, combo, compare, convergence,
                             detector_cost, map_cost,
                             map_defense_name, parts)
-from audit.metrics import K_GRID, confidence, iou_curve, l1, rate
-from audit.report import SCHEMA_VERSION
-from guard.adapters import Adapter, Opaque, Transfer, build_twin
-from guard.calibration import roc_auc
-from guard.ensemble import DisagreementDetector, InterpreterEnsemble, NormalisedDisagreementDetector
-from guard.learned import LearnedDetector
-from guard.interpreters import build_interpreter
-from guard.interpreters.base import InterpreterError, check_name
-from guard.models import load_model
-from guard.smoothing import RADII, Smoothed, linf_as_l2
-from guard.squeeze import SqueezeDetector
-from guard.stability import StabilityDetector
-from training.data import DataError, ImageFolderDataset, fashion_mnist, folder_kind, load_images, photos, stack
-from training.loop import distributed_setup
+from underfire.audit.metrics import K_GRID, confidence, iou_curve, l1, rate
+from underfire.audit.report import SCHEMA_VERSION
+from underfire.guard.adapters import Adapter, Opaque, Transfer, build_twin
+from underfire.guard.calibration import roc_auc
+from underfire.guard.ensemble import DisagreementDetector, InterpreterEnsemble, NormalisedDisagreementDetector
+from underfire.guard.learned import LearnedDetector
+from underfire.guard.interpreters import build_interpreter
+from underfire.guard.interpreters.base import InterpreterError, check_name
+from underfire.guard.models import load_model
+from underfire.guard.smoothing import RADII, Smoothed, linf_as_l2
+from underfire.guard.squeeze import SqueezeDetector
+from underfire.guard.stability import StabilityDetector
+from underfire.training.data import DataError, ImageFolderDataset, fashion_mnist, folder_kind, load_images, photos, stack
+from underfire.training.loop import distributed_setup
 
 log = logging.getLogger(__name__)
 ATTACKS = ("pgd", "adv2", "stadv2", "adaptive", "blackbox")
@@ -656,7 +656,7 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
                      channels_last: bool = False, compile: bool = False) -> Deployment:
     """Load, check (outputs, training, gradients: :class:`AuditRefused` when the audit cannot measure it) and
     select the audited inputs of one target."""
-    from guard.models import from_probabilities
+    from underfire.guard.models import from_probabilities
 
     model = load_model(t.model, t.weights).to(device).eval()
     provided = getattr(model, "provided_interpreters", {})  # handed over by a module:function entry point
@@ -801,7 +801,7 @@ def build_detectors(t: Target, dep: Deployment, fpr: float, progress: Progress) 
 def _detect(dets: dict, x_adv: torch.Tensor) -> dict:
     """Every detector's per-score flags, and its decision score, for a batch of adversarial images (they do not
     depend on the reader): {"flags": {d: {score: [bool]}}, "scores": {d: [float]}}."""
-    from guard.interpreters.base import check_input
+    from underfire.guard.interpreters.base import check_input
 
     out = {"flags": {}, "scores": {}}
     if dets:
@@ -819,7 +819,7 @@ def _record(it, x_adv: torch.Tensor, y_t: torch.Tensor, bm: torch.Tensor, dets: 
     """Per-sample metrics of one attack read by one interpreter; pictures of the first ``keep`` samples.
 
     ``detected``: the flags from :func:`_detect` when the same images are read by several interpreters."""
-    from audit.report import png_b64
+    from underfire.audit.report import png_b64
 
     with torch.no_grad():
         e = it(x_adv)
@@ -1049,7 +1049,7 @@ def _strong(t: Target, dep: Deployment, label: str, name: str, it, x: torch.Tens
 
 def _pictures(it, x_adv: torch.Tensor, maps: torch.Tensor | None = None) -> dict:
     """PNGs of adversarial images and their maps (``it``'s, unless given), for the report."""
-    from audit.report import png_b64
+    from underfire.audit.report import png_b64
 
     if maps is None and len(x_adv):
         with torch.no_grad():
@@ -1363,7 +1363,7 @@ def headline(targets: dict) -> dict:
 # Examples for the report (small PNGs inside the JSON, so the HTML needs nothing else)
 # ------------------------------------------------------------------------------------------------------------
 def _examples(t: Target, dep: Deployment, k: int) -> dict:
-    from audit.report import png_b64
+    from underfire.audit.report import png_b64
 
     x = dep.x[:k]
     ex = {"images": [png_b64(im) for im in x], "classes": dep.y[:k].tolist(), "targets": dep.y_t[:k].tolist(),

@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit.progress import Progress  # noqa: E402
-from audit.runner import AuditConfig, Target, run_audit  # noqa: E402
+from underfire.audit.progress import Progress  # noqa: E402
+from underfire.audit.runner import AuditConfig, Target, run_audit  # noqa: E402
 
 
 def option(text: str) -> tuple[str, object]:

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from audit.report import ATTACK_LABELS, _cert_text, _rate, comparison_rows, load_report  # noqa: E402
+from underfire.audit.report import ATTACK_LABELS, _cert_text, _rate, comparison_rows, load_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 INTRO = """# Defenses compared
@@ -524,9 +524,9 @@ def embed_comparison(args) -> list[str]:
     per interpreter every defense's row with all its columns, the undefended row the union of every record's
     attacks on the undefended map (an input spoofed by any of them is spoofed), and the verdict recomputed over
     the merged rows."""
-    from audit.defenses import verdict
-    from audit.metrics import rate
-    from audit.runner import spoofed_inputs
+    from underfire.audit.defenses import verdict
+    from underfire.audit.metrics import rate
+    from underfire.audit.runner import spoofed_inputs
 
     (first, _, _), out = args[0], []
     fpr = first["config"]["fpr"]
@@ -607,7 +607,7 @@ def embed_rtsa(args) -> list[str]:
 
 def embed_summary(args) -> list[str]:
     """The terminal summary `underfire audit` printed for an audit record, as a code block."""
-    from audit.report import summary_text
+    from underfire.audit.report import summary_text
 
     out = []
     for rec, _, _ in args:

@@ -13,11 +13,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.adv2 import PGD  # noqa: E402
-from attacks.targets import target_classes  # noqa: E402
-from guard.interpreters import CAM  # noqa: E402
-from guard.models import load_model  # noqa: E402
-from training.data import fashion_mnist  # noqa: E402
+from underfire.attacks.adv2 import PGD  # noqa: E402
+from underfire.attacks.targets import target_classes  # noqa: E402
+from underfire.guard.interpreters import CAM  # noqa: E402
+from underfire.guard.models import load_model  # noqa: E402
+from underfire.training.data import fashion_mnist  # noqa: E402
 
 
 def main() -> None:

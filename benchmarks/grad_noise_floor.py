@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.threats import quantize  # noqa: E402
-from guard.interpreters import build_interpreter  # noqa: E402
-from guard.maps import l1  # noqa: E402
-from guard.models import load_model  # noqa: E402
-from training.data import fashion_mnist, photos  # noqa: E402
+from underfire.attacks.threats import quantize  # noqa: E402
+from underfire.guard.interpreters import build_interpreter  # noqa: E402
+from underfire.guard.maps import l1  # noqa: E402
+from underfire.guard.models import load_model  # noqa: E402
+from underfire.training.data import fashion_mnist, photos  # noqa: E402
 
 
 def main() -> None:

@@ -22,13 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.adv2 import Adv2  # noqa: E402
-from attacks.targets import target_classes  # noqa: E402
-from guard.interpreters.rts import RTS  # noqa: E402
-from guard.maps import l1  # noqa: E402
-from guard.models import load_model  # noqa: E402
-from training.data import fashion_mnist  # noqa: E402
-from training.rts import rts_quality  # noqa: E402
+from underfire.attacks.adv2 import Adv2  # noqa: E402
+from underfire.attacks.targets import target_classes  # noqa: E402
+from underfire.guard.interpreters.rts import RTS  # noqa: E402
+from underfire.guard.maps import l1  # noqa: E402
+from underfire.guard.models import load_model  # noqa: E402
+from underfire.training.data import fashion_mnist  # noqa: E402
+from underfire.training.rts import rts_quality  # noqa: E402
 
 NOISE = [("gaussian", 0.02), ("gaussian", 0.05), ("gaussian", 0.1), ("uniform", 0.05), ("uniform", 0.1), ("uniform", 0.2)]
 

@@ -12,13 +12,13 @@ readings, and the floor (a second draw on the clean images). Log: benchmarks/res
 import sys, time, torch
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attacks.adv2 import Adv2
-from attacks.targets import target_classes
-from guard.interpreters import build_interpreter
-from guard.maps import l1
-from guard.models import load_model
-from training.data import fashion_mnist
-from guard.adapters import Transfer
+from underfire.attacks.adv2 import Adv2
+from underfire.attacks.targets import target_classes
+from underfire.guard.interpreters import build_interpreter
+from underfire.guard.maps import l1
+from underfire.guard.models import load_model
+from underfire.training.data import fashion_mnist
+from underfire.guard.adapters import Transfer
 torch.set_num_threads(1)
 torch.manual_seed(0)
 variant = sys.argv[1]; n = int(sys.argv[2]) if len(sys.argv) > 2 else 32
@@ -40,7 +40,7 @@ for part in variant.split("+"):
     elif part.startswith("long"): opts["steps"] = (75, int(part[4:]))
     elif part.startswith("lam"): opts["lam_scale"] = float(part[3:])
     elif part == "sign": opts["joint_rule"] = "sign"
-from attacks.adv2 import PGD
+from underfire.attacks.adv2 import PGD
 xp = PGD(eps=24/255, steps=250)(sg, x, yt).x_adv
 pgd_draw, pgd_exp = float(l1(sg(xp).saliency, t_draw).mean()), float(l1(big(xp).saliency, t_exp).mean())
 t0 = time.time()

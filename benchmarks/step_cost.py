@@ -37,10 +37,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.adv2 import PGD, MaskAdv2, make_adv2  # noqa: E402
-from guard.interpreters import build_interpreter  # noqa: E402
-from guard.models import load_model  # noqa: E402
-from training.data import fashion_mnist, photos  # noqa: E402
+from underfire.attacks.adv2 import PGD, MaskAdv2, make_adv2  # noqa: E402
+from underfire.guard.interpreters import build_interpreter  # noqa: E402
+from underfire.guard.models import load_model  # noqa: E402
+from underfire.training.data import fashion_mnist, photos  # noqa: E402
 
 TARGETS = {"pgd": None, "cam": 1.3, "rts": 2.5, "grad": 4.0, "mask": 12.0, "mask-unroll": 12.0, "gradcam": 4.0,
            "gradcampp": 4.0, "inputxgrad": 4.0, "beta:grad": 4.0}
@@ -91,9 +91,9 @@ def step_cost(name, interp, x, y_t, target, eps, dev, k1, k2, precision="fp32", 
 
 def detector_rows(model, x, x_cal, base, dev, names) -> dict:
     """Scoring cost per input of each detector, calibrated on ``x_cal`` (as a ratio to the floor per input)."""
-    from guard.ensemble import NormalisedDisagreementDetector
-    from guard.squeeze import SqueezeDetector
-    from guard.stability import StabilityDetector
+    from underfire.guard.ensemble import NormalisedDisagreementDetector
+    from underfire.guard.squeeze import SqueezeDetector
+    from underfire.guard.stability import StabilityDetector
 
     members = [build_interpreter(n, model) for n in ("grad", "cam")]
     make = {"squeeze": lambda: SqueezeDetector(model), "squeeze-torch": lambda: SqueezeDetector(
@@ -117,7 +117,7 @@ def detector_rows(model, x, x_cal, base, dev, names) -> dict:
 
 def blackbox_rows(model, x, y_t, eps, base, dev, names) -> dict:
     """Black-box ADV²'s query rate: one refinement step estimates with 2 · samples queries per image."""
-    from attacks.blackbox import Counted, QueryAdv2
+    from underfire.attacks.blackbox import Counted, QueryAdv2
 
     rows = {}
     for n in names:

@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attacks.strength import STRENGTHS  # noqa: E402
-from audit.presets import default  # noqa: E402
-from audit.runner import run_audit  # noqa: E402
+from underfire.attacks.strength import STRENGTHS  # noqa: E402
+from underfire.audit.presets import default  # noqa: E402
+from underfire.audit.runner import run_audit  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "strength_cost.json"
 
@@ -63,7 +63,10 @@ def main() -> int:
     unknown = [s for s in levels if s not in STRENGTHS]
     if unknown or not levels or levels[0] != "quick":
         raise SystemExit(f"--levels: a comma-separated list of {', '.join(STRENGTHS)} starting with quick")
-    result = {"levels": {}}
+    result = {"levels": {}, "config": "underfire.audit.presets.default",
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cores": os.cpu_count(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "note": args.note}
     for level in levels:
         cfg = default()
         for t in cfg.targets:
@@ -76,12 +79,8 @@ def main() -> int:
                                    "headline": report["headline"]}
         quick = result["levels"]["quick"]["seconds"]
         print(f"{level:>9}: {seconds:7.1f} s  ×{seconds / quick:.2f} of quick", flush=True)
-    result.update({"config": "audit.presets.default", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                   "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                   "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "note": args.note})
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+        args.out.write_text(json.dumps(result, indent=1) + "\n")  # after every level: a long run keeps what it has
+        print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}", flush=True)
     return 0
 
 

@@ -27,8 +27,8 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target
-from guard.interpreters.occlusion import default_window
+from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target
+from underfire.guard.interpreters.occlusion import default_window
 
 CAPTUM_TWINS = {"Saliency": "grad:logit", "IntegratedGradients": "ig", "InputXGradient": "inputxgrad",
                 "Occlusion": "occlusion"}
@@ -97,7 +97,7 @@ class GradCamAdapter(Adapter):
     """A pytorch-grad-cam CAM class at the native ``gradcam``'s layer (or ``layer``)."""
 
     def __init__(self, model, method: str, layer: str | None = None, **kw) -> None:
-        from guard.interpreters.gradcam import GradCAM
+        from underfire.guard.interpreters.gradcam import GradCAM
 
         super().__init__(model, "gradcam", method, **kw)
         self.native = GradCAM(model, layer)
@@ -125,7 +125,7 @@ class Opaque(Adapter):
     what the missing gradient costs the attacker, beside the white-box ``<name>``."""
 
     def __init__(self, model, inner: str, surrogate: str | None = None, **kw) -> None:
-        from guard.interpreters.base import build_interpreter, check_name
+        from underfire.guard.interpreters.base import build_interpreter, check_name
 
         Interpreter.__init__(self, model)
         if not inner or inner.startswith(("opaque:", "captum:", "gradcam:")):
@@ -191,7 +191,7 @@ def build_adapter(name: str, model, **kw) -> Interpreter:
 
 def build_twin(adapter: Interpreter, model) -> Interpreter | None:
     """The adapter's native twin (``grad:logit`` is GRAD on the logit, captum's Saliency), or None."""
-    from guard.interpreters.base import build_interpreter
+    from underfire.guard.interpreters.base import build_interpreter
 
     twin = getattr(adapter, "twin", None)
     if twin is None:

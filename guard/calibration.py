@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from guard.interpreters.base import check_input
-from guard.models import ModelError, read_checkpoint, save_checkpoint
+from underfire.guard.interpreters.base import check_input
+from underfire.guard.models import ModelError, read_checkpoint, save_checkpoint
 
 
 class DetectorError(ValueError):

@@ -31,9 +31,9 @@ from typing import Sequence
 
 import torch
 
-from guard.calibration import Detector, DetectorError
-from guard.interpreters.base import Explanation, Interpreter, InterpreterError, build_interpreter
-from guard.maps import iou_at_k, l1 as map_l1, pearson
+from underfire.guard.calibration import Detector, DetectorError
+from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, build_interpreter
+from underfire.guard.maps import iou_at_k, l1 as map_l1, pearson
 
 REDUCTIONS = ("mean", "max", "min", "median")
 

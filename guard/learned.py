@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from guard.calibration import Detector, DetectorError
+from underfire.guard.calibration import Detector, DetectorError
 
 
 class LearnedDetector(Detector):

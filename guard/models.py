@@ -617,7 +617,7 @@ def _from_entry_point(spec: str) -> ImageClassifier:
 def _provided_interpreters(spec: str, model: "ImageClassifier", returned: nn.Module, interps: dict) -> dict:
     """The interpreters an entry point hands over: Interpreter objects of its model, or callables
     ``(x, target) -> map`` (wrapped in :class:`guard.interpreters.base.FunctionInterpreter`)."""
-    from guard.interpreters.base import FunctionInterpreter, Interpreter
+    from underfire.guard.interpreters.base import FunctionInterpreter, Interpreter
 
     out = {}
     for name, it in interps.items():

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target, trusted_inputs
+from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target, trusted_inputs
 
 RADII = (0.05, 0.1, 0.25)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guard.calibration import Detector, DetectorError
+from underfire.guard.calibration import Detector, DetectorError
 
 
 def bit_depth(x: torch.Tensor, bits: int, straight_through: bool = False) -> torch.Tensor:

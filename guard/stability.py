@@ -22,10 +22,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from guard.calibration import Detector, DetectorError
-from guard.interpreters.base import Interpreter, pick_target
-from guard.maps import l1
-from guard.squeeze import make_squeezer
+from underfire.guard.calibration import Detector, DetectorError
+from underfire.guard.interpreters.base import Interpreter, pick_target
+from underfire.guard.maps import l1
+from underfire.guard.squeeze import make_squeezer
 
 DEFAULT_TRANSFORMS = ("noise-8", "shift-1", "median-2")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guard.models import FMNIST_MEAN, FMNIST_STD, ImageClassifier, SmallResNet, load_model
+from underfire.guard.models import FMNIST_MEAN, FMNIST_STD, ImageClassifier, SmallResNet, load_model
 
 torch.set_num_threads(2)
 
@@ -27,14 +27,14 @@ def fmnist_densenet():
 
 @pytest.fixture(scope="session")
 def photo_batch():
-    from training.data import photos
+    from underfire.training.data import photos
 
     return photos()
 
 
 @pytest.fixture(scope="session")
 def fmnist_test():
-    from training.data import fashion_mnist
+    from underfire.training.data import fashion_mnist
 
     return fashion_mnist("test")
 

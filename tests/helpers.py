@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from guard.models import FMNIST_MEAN, FMNIST_STD, ImageClassifier
+from underfire.guard.models import FMNIST_MEAN, FMNIST_STD, ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -18,7 +18,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 def cli(*args, cwd, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """``underfire ARGS`` as a user runs it: a subprocess, output captured."""
-    return subprocess.run([sys.executable, "-m", "audit.cli", *map(str, args)], cwd=cwd, env={**ENV, **(env_extra or {})},
+    return subprocess.run([sys.executable, "-m", "underfire.audit.cli", *map(str, args)], cwd=cwd, env={**ENV, **(env_extra or {})},
                           capture_output=True, text=True, timeout=600, **kw)
 
 
@@ -48,7 +48,7 @@ def nan_model() -> ImageClassifier:
 
 def probs_model() -> ImageClassifier:
     """The bundled Fashion-MNIST ResNet with a softmax on its outputs (a deployment returning probabilities)."""
-    from guard.models import load_model
+    from underfire.guard.models import load_model
 
     m = load_model("fmnist_resnet")
     m.net = nn.Sequential(m.net, nn.Softmax(dim=1))
@@ -57,7 +57,7 @@ def probs_model() -> ImageClassifier:
 
 def untrained_model() -> ImageClassifier:
     """A 28×28 ResNet with random weights (an untrained deployment)."""
-    from guard.models import SmallResNet
+    from underfire.guard.models import SmallResNet
 
     torch.manual_seed(0)
     return ImageClassifier(SmallResNet(), FMNIST_MEAN, FMNIST_STD, name="untrained", input_size=(1, 28, 28),
@@ -75,7 +75,7 @@ class _Quantised(nn.Module):
 
 def masked_model() -> ImageClassifier:
     """The bundled Fashion-MNIST ResNet behind input quantisation: accurate, but with no input gradient."""
-    from guard.models import load_model
+    from underfire.guard.models import load_model
 
     m = load_model("fmnist_resnet")
     m.net = _Quantised(m.net)
@@ -89,14 +89,14 @@ def raising_model() -> ImageClassifier:
 
 # -- a team's maps, for the fail-closed tests --------------------------------------------------------------------
 def _cam_of(m):
-    from guard.interpreters import build_interpreter
+    from underfire.guard.interpreters import build_interpreter
 
     return build_interpreter("cam", m)
 
 
 def honest_map_model():
     """The bundled ResNet with a team's own map: CAM computed in plain torch (its gradient is its derivative)."""
-    from guard.models import load_model
+    from underfire.guard.models import load_model
 
     m = load_model("fmnist_resnet")
     cam = _cam_of(m)
@@ -106,7 +106,7 @@ def honest_map_model():
 def detached_map_model():
     """A team's map detached from its input plus a tiny term in x: its gradient is not zero (pre-flight's first
     check passes) but says nothing about how the map changes."""
-    from guard.models import load_model
+    from underfire.guard.models import load_model
 
     m = load_model("fmnist_resnet")
     cam = _cam_of(m)
@@ -115,7 +115,7 @@ def detached_map_model():
 
 def raising_map_model():
     """A team's map that raises on its first call."""
-    from guard.models import load_model
+    from underfire.guard.models import load_model
 
     def broken(x, t):
         raise RuntimeError("explanation service unavailable")
@@ -124,7 +124,7 @@ def raising_map_model():
 
 def later_raising_map_model():
     """A team's map that works for its first calls (pre-flight passes) and then raises mid-attack."""
-    from guard.models import load_model
+    from underfire.guard.models import load_model
 
     m = load_model("fmnist_resnet")
     cam, calls = _cam_of(m), [0]
@@ -139,7 +139,7 @@ def later_raising_map_model():
 
 def empty_map_model():
     """A team's map that returns an empty tensor."""
-    from guard.models import load_model
+    from underfire.guard.models import load_model
 
     return load_model("fmnist_resnet"), {"ours": lambda x, t: torch.zeros(len(x), 1, 0, 0)}
 
@@ -156,7 +156,7 @@ def cli_here(*args, env: dict | None = None, cwd: Path | None = None) -> Ran:
     exit is re-raised, so a test sees an internal error as one. ``cwd``: the working folder meanwhile."""
     from click.testing import CliRunner
 
-    from audit.cli import main
+    from underfire.audit.cli import main
 
     old = Path.cwd()
     try:

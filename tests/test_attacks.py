@@ -7,13 +7,13 @@ import shutil
 import pytest
 import torch
 
-from attacks.adv2 import PGD, Adv2
-from attacks.objectives import cw_margin, ramp, smoothed_nll, stepwise
-from attacks.pgd import Attack, Stage
-from attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
-from attacks.threats import AttackError, FlowField, LinfBall, flow_loss, quantize
-from audit.metrics import iou_at_k, iou_mean, l1
-from guard.interpreters import CAM
+from underfire.attacks.adv2 import PGD, Adv2
+from underfire.attacks.objectives import cw_margin, ramp, smoothed_nll, stepwise
+from underfire.attacks.pgd import Attack, Stage
+from underfire.attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
+from underfire.attacks.threats import AttackError, FlowField, LinfBall, flow_loss, quantize
+from underfire.audit.metrics import iou_at_k, iou_mean, l1
+from underfire.guard.interpreters import CAM
 from tests.conftest import tiny_classifier
 
 
@@ -184,9 +184,9 @@ def test_short_adv2_cam_beats_pgd_on_real_fmnist(fmnist_resnet, fmnist_test):
 
 def test_mask_adv2_and_stadv2_run_on_real_fmnist(fmnist_resnet, fmnist_test):
     """Mechanics of the bilevel MASK attack and the flow attack on the real net (short; quality is benchmarked)."""
-    from attacks.adv2 import make_adv2
-    from attacks.stadv import StAdv2
-    from guard.interpreters import Mask
+    from underfire.attacks.adv2 import make_adv2
+    from underfire.attacks.stadv import StAdv2
+    from underfire.guard.interpreters import Mask
 
     x, y = fmnist_test.tensors[0][:3], fmnist_test.tensors[1][:3]
     yt = target_classes(y, 10, torch.Generator().manual_seed(0))
@@ -219,9 +219,9 @@ def test_mask_adv2_and_stadv2_run_on_real_fmnist(fmnist_resnet, fmnist_test):
 
 def test_mask_line_search_keeps_the_target_margin(fmnist_resnet, fmnist_test):
     """The bisection returns a step whose image keeps c_t's logit margin ≥ min(10, the margin before)."""
-    from attacks.adv2 import MaskAdv2
-    from attacks.objectives import cw_margin
-    from guard.interpreters import Mask
+    from underfire.attacks.adv2 import MaskAdv2
+    from underfire.attacks.objectives import cw_margin
+    from underfire.guard.interpreters import Mask
 
     x, y = fmnist_test.tensors[0][:8], fmnist_test.tensors[1][:8]
     yt = target_classes(y, 10, torch.Generator().manual_seed(0))
@@ -245,8 +245,8 @@ def test_mask_line_search_keeps_the_target_margin(fmnist_resnet, fmnist_test):
 
 def test_mask_contrast_term_reads_the_deletion_game(fmnist_resnet, fmnist_test):
     """survival(keep all) = p(t | x), survival(keep none) = p(t | blur(x)); the contrast term has a gradient."""
-    from attacks.adv2 import MaskAdv2
-    from guard.interpreters import Mask
+    from underfire.attacks.adv2 import MaskAdv2
+    from underfire.guard.interpreters import Mask
 
     x, y = fmnist_test.tensors[0][:4], fmnist_test.tensors[1][:4]
     interp = Mask(fmnist_resnet, steps=5)
@@ -286,8 +286,8 @@ def test_loop_reads_nothing_back_per_step(fmnist_resnet, fmnist_test, monkeypatc
     """No host read (item / float / int / bool of a tensor: a device sync on GPU) per step: an attack with 4×
     the steps and one judgement makes as many reads as a short one. (MASK's jitter shifts are drawn from a CPU
     generator, host-side by construction, so MASK runs here with jitter off.)"""
-    from attacks.adv2 import make_adv2
-    from guard.interpreters import build_interpreter
+    from underfire.attacks.adv2 import make_adv2
+    from underfire.guard.interpreters import build_interpreter
 
     x, y = fmnist_test.tensors[0][:3], fmnist_test.tensors[1][:3]
     yt = target_classes(y, 10, torch.Generator().manual_seed(0))
@@ -320,8 +320,8 @@ def test_loop_reads_nothing_back_per_step(fmnist_resnet, fmnist_test, monkeypatc
 def test_compiled_attack_matches_eager(fmnist_resnet, fmnist_test):
     """Attack(compile=True) runs the interpreter through torch.compile: same images, verdicts and maps (CAM);
     GRAD compiles nothing (double backward) and the unrolled MASK lookahead refuses to compile."""
-    from attacks.adv2 import make_adv2
-    from guard.interpreters import build_interpreter
+    from underfire.attacks.adv2 import make_adv2
+    from underfire.guard.interpreters import build_interpreter
 
     x, y = fmnist_test.tensors[0][:3], fmnist_test.tensors[1][:3]
     yt = target_classes(y, 10, torch.Generator().manual_seed(0))
@@ -355,7 +355,7 @@ def test_joint_step_size_bounds_how_far_stage_two_moves():
 def test_linf_projection_equals_ball_then_box_and_follows_x0():
     """The cached bounds give exactly clamp(ball) then clamp([0, 1]), also for x0 outside [0, 1], and are
     recomputed for another x0 or after x0 changes in place."""
-    from attacks.threats import LinfBall
+    from underfire.attacks.threats import LinfBall
 
     t = LinfBall(8 / 255)
     gen = torch.Generator().manual_seed(0)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from audit.report import SCHEMA_VERSION, ReportError, load_report, render_html
-from audit.runner import AuditConfig, AuditError
+from underfire.audit.report import SCHEMA_VERSION, ReportError, load_report, render_html
+from underfire.audit.runner import AuditConfig, AuditError
 from tests.helpers import ENV, cli, one_error
 
 CONFIG = """
@@ -91,7 +91,7 @@ def test_load_report_rejects_other_schemas(tmp_path):
 
 def test_resume_after_kill_gives_identical_results(full_run, work):
     run_a, _ = full_run
-    p = subprocess.Popen([sys.executable, "-m", "audit.cli", "audit", "--config", "tiny.toml", "--out", "killed"],
+    p = subprocess.Popen([sys.executable, "-m", "underfire.audit.cli", "audit", "--config", "tiny.toml", "--out", "killed"],
                          cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = work / "killed" / "tiny" / "journal" / "fmnist_resnet@fashion-mnist" / "batch_00000.json"
     t0 = time.time()
@@ -122,6 +122,8 @@ def test_resume_refuses_batches_of_another_run(full_run, work, tmp_path):
     """A journal batch copied into another batch's place, or made with other settings, is refused by name."""
     import shutil
 
+    from underfire.audit.runner import digest
+
     run = tmp_path / "runs" / "tiny"
     shutil.copytree(full_run[0], run)
     (run / "report.json").unlink()
@@ -131,7 +133,8 @@ def test_resume_refuses_batches_of_another_run(full_run, work, tmp_path):
     one_error(r, "covers samples 0–1, but batch batch_00001 is samples 2–3")
     (journal / "batch_00001.json").unlink()
     rec = json.loads((journal / "batch_00000.json").read_text())
-    rec["fingerprint"]["config"]["targets.eps"] = 16  # as if made by a run with another ε
+    rec["fingerprint"]["config"]["targets.eps"] = 16  # as if made by a run with another ε (its own digest valid)
+    rec["digest"] = digest(rec)
     (journal / "batch_00000.json").write_text(json.dumps(rec))
     r = cli("audit", "--config", work / "tiny.toml", "--out", tmp_path / "runs", "--resume", cwd=work)
     one_error(r, "targets.eps: 16 → None")
@@ -141,7 +144,7 @@ def test_resume_refuses_a_replaced_checkpoint(tmp_path):
     """The model file swapped between a kill and --resume: same path, same config, other weights → refused."""
     import shutil
 
-    from guard.models import CHECKPOINT_DIR
+    from underfire.guard.models import CHECKPOINT_DIR
 
     shutil.copy(CHECKPOINT_DIR / "fmnist_resnet.pt", tmp_path / "m.pt")
     args = ("audit", "--model", tmp_path / "m.pt", "--n", "2", "--batch-size", "1", "--interpreters", "cam",
@@ -171,7 +174,7 @@ def test_failed_overwrite_keeps_the_finished_run(full_run, work):
 def test_torchrun_two_processes_equal_one(full_run, work):
     run_a, _ = full_run
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
-                        "-m", "audit.cli", "audit", "--config", "tiny.toml", "--out", "dist"],
+                        "-m", "underfire.audit.cli", "audit", "--config", "tiny.toml", "--out", "dist"],
                        cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((work / "dist" / "tiny" / "report.json").read_text())
@@ -239,7 +242,7 @@ def test_rerun_keeps_a_finished_report(full_run, work):
 
 
 def test_model_flag_keeps_a_one_target_preset_and_replaces_a_multi_target_one():
-    from audit.cli import resolve_config
+    from underfire.audit.cli import resolve_config
 
     cfg = resolve_config(None, "table4", {"model": "fmnist_densenet"})
     (t,) = cfg.targets
@@ -251,8 +254,8 @@ def test_model_flag_keeps_a_one_target_preset_and_replaces_a_multi_target_one():
 
 def test_speed_flags_reach_every_attack_of_the_audit():
     """--precision / --compile go from the CLI flags into the config and into each attack the runner makes."""
-    from audit.cli import resolve_config
-    from audit.runner import Deployment, _adv2, _pgd
+    from underfire.audit.cli import resolve_config
+    from underfire.audit.runner import Deployment, _adv2, _pgd
 
     cfg = resolve_config(None, "default", {"precision": "bf16", "compile": True})
     assert cfg.precision == "bf16" and cfg.compile is True
@@ -265,8 +268,8 @@ def test_speed_flags_reach_every_attack_of_the_audit():
 def test_auto_batch_size():
     """fit_batch: the largest power of two whose memory fits the budget, within [1, min(n, cap)]; 'auto' on CPU
     is 32; the CLI's string form is accepted and bad values are refused."""
-    from audit.cli import resolve_config
-    from audit.runner import AUTO_CPU_BATCH, AuditConfig, AuditError, Deployment, auto_batch_size, fit_batch
+    from underfire.audit.cli import resolve_config
+    from underfire.audit.runner import AUTO_CPU_BATCH, AuditConfig, AuditError, Deployment, auto_batch_size, fit_batch
 
     gib = 2 ** 30
     assert fit_batch(100 * 2 ** 20, 10 * gib, n=10_000) == 64  # 0.7 · 10 GiB / 100 MiB = 71.7 → 64
@@ -285,7 +288,7 @@ def test_auto_batch_size():
 
 def test_resumed_auto_batch_keeps_the_journaled_size(tmp_path):
     """An 'auto' run resumed on other hardware must cut the batches the journal was written with."""
-    from audit.runner import AuditConfig, AuditError, Deployment, Journal, resolve_batch_size
+    from underfire.audit.runner import AuditConfig, AuditError, Deployment, Journal, resolve_batch_size
 
     dep = Deployment(None, {}, 8 / 255, torch.zeros(100, 1, 28, 28), None, None, None, None, [], None)
     t, j = AuditConfig().targets[0], Journal(tmp_path, "k")
@@ -299,8 +302,8 @@ def test_resumed_auto_batch_keeps_the_journaled_size(tmp_path):
 def test_a_plain_folder_of_images_is_audited_with_the_models_predictions(tmp_path, fmnist_resnet):
     """A folder without class subfolders (the usual thing to audit an ImageNet model with): the model's own
     predictions are the classes, and the detectors calibrate on crops of the images that are not audited."""
-    from audit.runner import Target, _validate_target, build_deployment
-    from training.data import fashion_mnist
+    from underfire.audit.runner import Target, _validate_target, build_deployment
+    from underfire.training.data import fashion_mnist
 
     xs = fashion_mnist("test").tensors[0][:12]
     for i, im in enumerate(xs):
@@ -361,7 +364,7 @@ def test_adv2_tables_benchmark_runs_through_the_audit(tmp_path):
 
 
 def test_a_bad_adv2_option_is_refused_by_name():
-    from audit.runner import AuditConfig, AuditError, Target
+    from underfire.audit.runner import AuditConfig, AuditError, Target
 
     cfg = AuditConfig(targets=[Target(interpreters=["cam"], adv2_options={"lam_scal": 3})])
     with pytest.raises(AuditError, match="lam_scal"):
@@ -370,7 +373,7 @@ def test_a_bad_adv2_option_is_refused_by_name():
 
 def test_plain_words_names_the_weakest_interpreter_only_when_one_is_weaker():
     """The report's opening paragraph ranks interpreters only when their spoofability differs."""
-    from audit.report import plain_words
+    from underfire.audit.report import plain_words
 
     def tg(rates):
         return {"n": 8, "eps_255": 8, "status": {"reasons": []}, "target": {"defenses": []},

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from attacks.blackbox import Counted, QueryAdv2, estimate, transfer_start
-from attacks.threats import AttackError
-from guard.interpreters import build_interpreter
-from guard.interpreters.base import Explanation, Interpreter
+from underfire.attacks.blackbox import Counted, QueryAdv2, estimate, transfer_start
+from underfire.attacks.threats import AttackError
+from underfire.guard.interpreters import build_interpreter
+from underfire.guard.interpreters.base import Explanation, Interpreter
 from tests.conftest import tiny_classifier
 from tests.helpers import ROOT
 
@@ -103,9 +103,9 @@ def test_query_counting_is_exact_and_within_the_budget(threat):
 
 def test_a_refinement_never_returns_worse_than_its_start_and_counts_the_transfer():
     """The transfer start is judged like any iterate; its judgements are queries of the real map."""
-    from attacks.adv2 import make_adv2
-    from guard.adapters import Transfer
-    from audit.metrics import l1
+    from underfire.attacks.adv2 import make_adv2
+    from underfire.guard.adapters import Transfer
+    from underfire.audit.metrics import l1
 
     model, x, y_t = _setup(2)
     real = Counted(_Smooth(model))
@@ -138,8 +138,8 @@ def test_the_oracle_has_no_gradient_and_bad_arguments_are_refused():
 
 NUMPY_MODULE = '''
 import torch
-from guard.interpreters import build_interpreter
-from guard.models import load_model
+from underfire.guard.interpreters import build_interpreter
+from underfire.guard.models import load_model
 
 
 def build():
@@ -158,7 +158,7 @@ def build():
 def test_an_interpreter_without_a_gradient_is_attacked_by_queries_and_never_passes_a_gate(tmp_path, monkeypatch):
     """The pre-flight finds no gradient; the audit runs query ADV² instead of a white-box attack that could
     not move, reports its spoofability as a lower bound, and the CLI gate does not pass it."""
-    from audit.runner import AuditConfig, Target, run_audit
+    from underfire.audit.runner import AuditConfig, Target, run_audit
     from tests.helpers import cli
 
     (tmp_path / "npmodels.py").write_text(NUMPY_MODULE)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-UNDERFIRE = [sys.executable, "-m", "audit.cli"]
+UNDERFIRE = [sys.executable, "-m", "underfire.audit.cli"]
 
 
 def run(*args, cwd=None):
@@ -77,7 +77,7 @@ def test_detect_calibrates_then_scores_files(tmp_path):
     """`underfire detect`: calibrate on real benign images, save, reload for another call, score a .pt batch."""
     import torch
 
-    from training.data import fashion_mnist
+    from underfire.training.data import fashion_mnist
 
     th = tmp_path / "sq.pt"
     r = run("detect", "--calibrate", "60", "--thresholds", th, cwd=tmp_path)

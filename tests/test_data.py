@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import (
+from underfire.training.data import (
     PHOTO_DIR,
     DataError,
     ImageFolderDataset,
@@ -32,7 +32,7 @@ def test_fashion_mnist_is_the_real_set(fmnist_test):
 def test_fashion_mnist_errors(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="split"):
         fashion_mnist("val")
-    import training.data as data
+    import underfire.training.data as data
 
     monkeypatch.setattr(data, "FMNIST_DIRS", (tmp_path,))
     monkeypatch.delenv("UNDERFIRE_FMNIST_DIR", raising=False)

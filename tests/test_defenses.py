@@ -8,21 +8,21 @@ import json
 import pytest
 import torch
 
-from attacks.adaptive import adaptive
-from attacks.adv2 import PGD, make_adv2
-from attacks.targets import benign_maps, target_classes
-from audit.defenses import compare, cost_text, detector_cost, map_defense_name
-from audit.metrics import rate
-from audit.runner import AuditError, Target, _validate_target
-from guard.calibration import DetectorError, roc_auc
-from guard.ensemble import DisagreementDetector, NormalisedDisagreementDetector
-from guard.interpreters import build_interpreter
-from guard.interpreters.base import InterpreterError
-from guard.interpreters.grad import GradSaliency
-from guard.learned import LearnedDetector
-from guard.smoothing import Smoothed
-from guard.squeeze import SqueezeDetector
-from guard.stability import StabilityDetector, Transform, shift
+from underfire.attacks.adaptive import adaptive
+from underfire.attacks.adv2 import PGD, make_adv2
+from underfire.attacks.targets import benign_maps, target_classes
+from underfire.audit.defenses import compare, cost_text, detector_cost, map_defense_name
+from underfire.audit.metrics import rate
+from underfire.audit.runner import AuditError, Target, _validate_target
+from underfire.guard.calibration import DetectorError, roc_auc
+from underfire.guard.ensemble import DisagreementDetector, NormalisedDisagreementDetector
+from underfire.guard.interpreters import build_interpreter
+from underfire.guard.interpreters.base import InterpreterError
+from underfire.guard.interpreters.grad import GradSaliency
+from underfire.guard.learned import LearnedDetector
+from underfire.guard.smoothing import Smoothed
+from underfire.guard.squeeze import SqueezeDetector
+from underfire.guard.stability import StabilityDetector, Transform, shift
 from tests.conftest import tiny_classifier
 
 
@@ -318,7 +318,7 @@ def test_docs_pages_are_generated_from_the_records():
 
 def test_map_defenses_of_a_deployment(fmnist_resnet):
     """rtsa stands in for RTS where an RTS^A checkpoint exists; beta only for GRAD; smoothing wraps each."""
-    from audit.runner import build_deployment
+    from underfire.audit.runner import build_deployment
 
     t = Target("fmnist_resnet", interpreters=["grad", "rts"], n=2, defenses=["smooth", "beta", "rtsa"],
                calibration_n=8)
@@ -332,7 +332,7 @@ def test_one_interpreter_drops_the_presets_ensemble_with_a_note(capsys):
     """`underfire audit --interpreters cam` on a preset with an ensemble: it cannot apply to one interpreter,
     so it drops out with a note instead of ending in an error; a target without defenses named gets the
     defaults that apply."""
-    from audit.cli import resolve_config
+    from underfire.audit.cli import resolve_config
 
     cfg = resolve_config(None, "table9", {"interpreters": "cam"})
     assert cfg.targets[0].defenses == []
@@ -352,9 +352,9 @@ def test_one_interpreter_drops_the_presets_ensemble_with_a_note(capsys):
 def test_report_names_interpreters_without_a_defense_instead_of_empty_tables():
     """An interpreter whose defenses were not attacked gets no table of "not run" rows, but one line naming it;
     an interpreter with at least one defense run keeps its table."""
-    from audit.defenses import compare
-    from audit.metrics import rate
-    from audit.report import _compared, _not_compared
+    from underfire.audit.defenses import compare
+    from underfire.audit.metrics import rate
+    from underfire.audit.report import _compared, _not_compared
 
     run = {"spoofability": rate(3, 8), "spoofability_squeeze": rate(1, 8), "defense_info": {}}
     skipped = {"spoofability": rate(2, 8), "defense_info": {}}
@@ -431,7 +431,7 @@ def test_undefended_spoofability_counts_every_attack_on_the_undefended_map():
     import copy
     from pathlib import Path
 
-    from audit.runner import reaggregate
+    from underfire.audit.runner import reaggregate
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "defenses_fmnist_resnet_report.json"
     saved = json.loads(path.read_text())
@@ -467,7 +467,7 @@ def test_a_comparison_merged_from_several_records():
     assert {"squeeze", "smooth", "smooth+squeeze", "ensemble-norm", "stability", "learned", "beta"} <= set(rows)
     # the lowest of the merged rows, from the first record; both records ran one attack per row (quick): not credited
     assert "lowest measured: smooth+squeeze" in grad and "no defense is credited" in grad
-    from audit.runner import spoofed_inputs
+    from underfire.audit.runner import spoofed_inputs
 
     cam = [json.loads((d.RESULTS / f).read_text())["targets"]["fmnist_resnet@fashion-mnist"] for f in (a, b)]
     per = [spoofed_inputs(t["records"]["interpreters"]["cam"], t["summary"]["interpreters"]["cam"]["tau"]) for t in cam]
@@ -485,7 +485,7 @@ def test_a_map_defense_combined_with_a_detector(tmp_path):
     """smooth+squeeze: the smoothed map's EOT attack carries the squeezing hinge, a spoof must be within the
     smoothed map's τ AND undetected (recounted here from the per-sample records), its cost adds both parts, its
     held-out FPR is the detector's; combinations that are not <map>+<detector> are refused by name."""
-    from audit.runner import AuditConfig, run_audit
+    from underfire.audit.runner import AuditConfig, run_audit
 
     t = Target("fmnist_resnet", interpreters=["grad"], n=4, attacks=["pgd", "adv2", "adaptive"],
                defenses=["smooth+squeeze"], shorten=50, calibration_n=32, smooth_samples=2)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.adv2 import PGD, make_adv2
-from attacks.targets import benign_maps, target_classes
-from audit.metrics import l1
-from guard.adapters import build_twin
-from guard.interpreters import build_interpreter
-from guard.interpreters.base import InterpreterError
-from guard.interpreters.gradcam import feature_layers
+from underfire.attacks.adv2 import PGD, make_adv2
+from underfire.attacks.targets import benign_maps, target_classes
+from underfire.audit.metrics import l1
+from underfire.guard.adapters import build_twin
+from underfire.guard.interpreters import build_interpreter
+from underfire.guard.interpreters.base import InterpreterError
+from underfire.guard.interpreters.gradcam import feature_layers
 from tests.conftest import tiny_classifier
 
 NEW = ("gradcam", "gradcampp", "inputxgrad", "ig", "occlusion")
@@ -110,7 +110,7 @@ def test_occlusion_equals_captum_and_its_gradient_is_exact(model_name, request, 
 
 
 def test_smoothgrad_is_smoothed_grad_with_its_papers_noise():
-    from guard.smoothing import Smoothed
+    from underfire.guard.smoothing import Smoothed
 
     sg = build_interpreter("smoothgrad", tiny_classifier())
     assert isinstance(sg, Smoothed) and sg.name == "smoothgrad" and sg.base.name == "grad"
@@ -126,8 +126,8 @@ def test_smoothgrad_agrees_with_captum_noise_tunnel(fmnist_resnet, fmnist_small)
     import torch.nn.functional as F
     from captum.attr import NoiseTunnel, Saliency
 
-    from guard.interpreters.base import minmax
-    from guard.smoothing import Smoothed
+    from underfire.guard.interpreters.base import minmax
+    from underfire.guard.smoothing import Smoothed
 
     x = fmnist_small[0][:6]
     pred = fmnist_resnet(x).argmax(1)
@@ -174,7 +174,7 @@ ADAPTERS = ("gradcam:GradCAM", "gradcam:GradCAMPlusPlus", "captum:IntegratedGrad
 
 
 def test_adapters_match_their_native_twins_and_carry_no_gradient(fmnist_resnet, fmnist_small):
-    from guard.adapters import Transfer
+    from underfire.guard.adapters import Transfer
 
     x = fmnist_small[0][:4]
     for name in ADAPTERS:
@@ -199,7 +199,7 @@ def test_adapters_match_their_native_twins_and_carry_no_gradient(fmnist_resnet, 
 def test_opaque_serves_a_native_map_as_a_black_box(fmnist_resnet, fmnist_small):
     """opaque:<name> answers with <name>'s own map and no gradient; @<surrogate> names the twin a transfer
     attack optimises, whose map the attacker's view brings to the real map's resolution (CAM 7² → MASK 14²)."""
-    from guard.adapters import Transfer
+    from underfire.guard.adapters import Transfer
 
     x = fmnist_small[0][:2]
     op = build_interpreter("opaque:mask@cam", fmnist_resnet)
@@ -222,7 +222,7 @@ def test_audit_of_an_adapter_is_a_transfer_result_judged_by_the_real_map(tmp_pat
     map, says so, counts the real map's reads as queries, and reports a lower bound (not refused, not
     reported safe for lack of a gradient). An adapter without a twin (captum's FeatureAblation) is attacked by
     queries only, and left out of the detectors an adaptive attack must optimise through."""
-    from audit.runner import AuditConfig, AuditRefused, Target, build_deployment, run_audit
+    from underfire.audit.runner import AuditConfig, AuditRefused, Target, build_deployment, run_audit
 
     cfg = AuditConfig(name="t", batch_size=4, bootstrap=20, examples=0, targets=[
         Target("fmnist_resnet", interpreters=["gradcam:GradCAM"], n=4, attacks=["pgd", "adv2"], defenses=[],
@@ -249,8 +249,8 @@ def test_audit_of_an_adapter_is_a_transfer_result_judged_by_the_real_map(tmp_pat
 
 TEAM_MODULE = '''
 import torch
-from guard.models import load_model
-from guard.interpreters import build_interpreter
+from underfire.guard.models import load_model
+from underfire.guard.interpreters import build_interpreter
 
 
 def build():
@@ -275,9 +275,9 @@ def bad_value():
 
 
 def test_an_entry_point_hands_over_its_own_interpreters(tmp_path, monkeypatch):
-    from audit.runner import Target, _validate_target, build_deployment
-    from guard.interpreters.base import FunctionInterpreter
-    from guard.models import ModelError, load_model
+    from underfire.audit.runner import Target, _validate_target, build_deployment
+    from underfire.guard.interpreters.base import FunctionInterpreter
+    from underfire.guard.models import ModelError, load_model
 
     (tmp_path / "teammodels.py").write_text(TEAM_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -294,7 +294,7 @@ def test_an_entry_point_hands_over_its_own_interpreters(tmp_path, monkeypatch):
     (g,) = torch.autograd.grad(edges(xg).saliency.sum(), xg)
     assert float(g.abs().sum()) > 0
     # end to end: the audit attacks the team's map through the one loop and reports it by its name
-    from audit.runner import AuditConfig, run_audit
+    from underfire.audit.runner import AuditConfig, run_audit
 
     rep = run_audit(AuditConfig(name="ep", batch_size=2, bootstrap=10, examples=0, targets=[
         Target("teammodels:build", interpreters=["edges"], n=2, attacks=["pgd", "adv2"], defenses=[], shorten=50)]),
@@ -339,8 +339,8 @@ def test_sampled_views_estimate_the_whole_map():
 def test_an_audit_attacks_the_sampled_view_and_judges_the_deployed_map(tmp_path, monkeypatch):
     """attack_samples: ADV²'s differentiable calls go to the sampled view (2 path points), every judgement and
     the record to the deployed 8-point IG; the report says so. An interpreter without samples is untouched."""
-    from audit.runner import AuditConfig, AuditError, Target, build_deployment, run_audit
-    from guard.interpreters.gradients import IntegratedGradients
+    from underfire.audit.runner import AuditConfig, AuditError, Target, build_deployment, run_audit
+    from underfire.guard.interpreters.gradients import IntegratedGradients
 
     seen = []
     orig = IntegratedGradients.attribution

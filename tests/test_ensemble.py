@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.adv2 import Adv2
-from guard.calibration import DetectorError
-from guard.ensemble import DisagreementDetector, InterpreterEnsemble, build_ensemble
-from guard.maps import pearson
-from guard.interpreters import build_interpreter
-from guard.interpreters.base import InterpreterError
+from underfire.attacks.adv2 import Adv2
+from underfire.guard.calibration import DetectorError
+from underfire.guard.ensemble import DisagreementDetector, InterpreterEnsemble, build_ensemble
+from underfire.guard.maps import pearson
+from underfire.guard.interpreters import build_interpreter
+from underfire.guard.interpreters.base import InterpreterError
 from tests.conftest import tiny_classifier
 
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from audit.metrics import rate
+from underfire.audit.metrics import rate
 from tests.helpers import cli, one_error
 
 SMALL = ("--model", "fmnist_resnet", "--n", "2", "--interpreters", "cam", "--attacks", "pgd,adv2", "--defenses", "", "--shorten", "50")
@@ -82,7 +82,7 @@ def test_bad_config_values_one_line_before_loading(toml, needle, tmp_path):
     ({"compile": "yes"}, "compile must be a boolean"),
 ])
 def test_more_bad_settings(raw, needle):
-    from audit.runner import AuditConfig, AuditError
+    from underfire.audit.runner import AuditConfig, AuditError
 
     with pytest.raises(AuditError) as err:
         AuditConfig.from_dict(raw).validate()
@@ -112,7 +112,7 @@ def test_user_entry_point_that_raises(tmp_path):
 
 
 def test_detect_refuses_inputs_it_cannot_score(tmp_path):
-    from training.data import fashion_mnist
+    from underfire.training.data import fashion_mnist
 
     th = tmp_path / "sq.pt"
     assert cli("detect", "--calibrate", "40", "--thresholds", th, cwd=tmp_path).returncode == 0
@@ -127,8 +127,8 @@ def test_detect_refuses_inputs_it_cannot_score(tmp_path):
 
 def test_detector_never_calls_an_unscorable_input_benign(fmnist_resnet, fmnist_test):
     """In the library too: a NaN score flags its input; a NaN input is refused."""
-    from guard.interpreters.base import InterpreterError
-    from guard.squeeze import SqueezeDetector
+    from underfire.guard.interpreters.base import InterpreterError
+    from underfire.guard.squeeze import SqueezeDetector
 
     det = SqueezeDetector(fmnist_resnet)
     det.calibrate(fmnist_test.tensors[0][:40], 0.05)
@@ -147,8 +147,8 @@ def test_rates_carry_exact_intervals():
 def test_noise_level_fixes_the_benign_class():
     """τ's noisy maps are taken for the benign class: an interpreter whose map depends only on the class it
     explains shows zero map noise even when the noise flips every prediction."""
-    from audit.runner import Deployment, Target, _noise_l1
-    from guard.interpreters.base import Explanation
+    from underfire.audit.runner import Deployment, Target, _noise_l1
+    from underfire.guard.interpreters.base import Explanation
 
     class ClassMap:
         def __call__(self, x, target=None):
@@ -165,7 +165,7 @@ def test_noise_level_fixes_the_benign_class():
 
 
 def test_noise_level_pools_draws_and_reports_its_stability():
-    from audit.runner import noise_level
+    from underfire.audit.runner import noise_level
 
     per = [[0.1 * i + 0.01 * j for j in range(4)] for i in range(10)]
     nl = noise_level(per, 200, 0)
@@ -176,7 +176,7 @@ def test_noise_level_pools_draws_and_reports_its_stability():
 
 
 def test_headline_is_inconclusive_when_a_target_is_or_nothing_was_measured():
-    from audit.runner import headline
+    from underfire.audit.runner import headline
 
     def tg(k, reasons):
         return {"summary": {"interpreters": {"cam": {"spoofability": rate(k, 8)}}}, "status": {"reasons": reasons}}

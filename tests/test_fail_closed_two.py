@@ -41,10 +41,10 @@ def test_a_map_whose_gradient_is_not_its_derivative_is_a_lower_bound(tmp_path):
     """A detached map plus a tiny term in x has a non-zero gradient; the directional-derivative check finds that
     it does not predict the map, so the row is a lower bound and a gate cannot pass on it. The honest version of
     the same map (CAM in plain torch) passes the check."""
-    from audit.runner import gradient_agreement
-    from guard.interpreters.base import FunctionInterpreter
+    from underfire.audit.runner import gradient_agreement
+    from underfire.guard.interpreters.base import FunctionInterpreter
     from tests.helpers import detached_map_model, honest_map_model
-    from training.data import fashion_mnist
+    from underfire.training.data import fashion_mnist
 
     x, y = fashion_mnist("test").tensors
     for build, faithful in ((honest_map_model, True), (detached_map_model, False)):
@@ -60,8 +60,8 @@ def test_a_map_whose_gradient_is_not_its_derivative_is_a_lower_bound(tmp_path):
 
 
 def test_random_weights_pass_no_gate():
-    from audit.metrics import rate
-    from audit.runner import headline
+    from underfire.audit.metrics import rate
+    from underfire.audit.runner import headline
 
     def tg(weights):
         return {"target": {"weights": weights}, "status": {"reasons": []},
@@ -72,7 +72,7 @@ def test_random_weights_pass_no_gate():
 
 # -- folders are read as the user laid them out ------------------------------------------------------------------
 def _pngs(folder, k=3):
-    from training.data import fashion_mnist
+    from underfire.training.data import fashion_mnist
 
     folder.mkdir(parents=True, exist_ok=True)
     x = fashion_mnist("test").tensors[0][:k]
@@ -82,7 +82,7 @@ def _pngs(folder, k=3):
 
 
 def test_plain_folder_hidden_entries_and_mixes(tmp_path):
-    from training.data import DataError, folder_kind, load_images
+    from underfire.training.data import DataError, folder_kind, load_images
 
     _pngs(tmp_path / "f")
     (tmp_path / "f" / ".thumbnails").mkdir()
@@ -115,7 +115,7 @@ def test_wide_and_odd_image_modes_read_as_their_8bit_originals(tmp_path, mode):
     """16-bit grey and RGB, palette, CMYK and images with an (opaque) alpha channel read as the 8-bit image they
     were made from; Pillow's own convert would turn every 16-bit value above 255 white."""
     from tests.test_fail_closed_two import _write_png16_rgb
-    from training.data import fashion_mnist, load_image
+    from underfire.training.data import fashion_mnist, load_image
 
     g = (fashion_mnist("test").tensors[0][0, 0].numpy() * 255).round().astype(np.uint8)  # an ankle boot
     rgb = np.stack([g, 255 - g, g // 2], -1)
@@ -154,7 +154,7 @@ def _write_png16_rgb(arr: np.ndarray, path) -> None:
 
 
 def test_float_images_are_refused(tmp_path):
-    from training.data import DataError, load_image
+    from underfire.training.data import DataError, load_image
 
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
     with pytest.raises(DataError, match="32-bit float samples"):
@@ -200,7 +200,7 @@ def test_bad_settings_are_named_before_loading(args, needle, tmp_path):
 
 
 def test_labels_map_to_unique_contained_journal_folders():
-    from audit.runner import AuditConfig, AuditError, journal_folder
+    from underfire.audit.runner import AuditConfig, AuditError, journal_folder
 
     assert journal_folder("..") not in ("..", ".") and "/" not in journal_folder("a/../b")
     assert not journal_folder(".hidden").startswith(".")
@@ -248,7 +248,7 @@ def test_a_pickled_module_as_model_says_what_it_is(tmp_path):
 
 # -- the journal: fingerprinted data, digests, damage -------------------------------------------------------
 def test_journal_digest_redoes_an_edited_batch_and_refuses_an_unchecked_one(tmp_path):
-    from audit.runner import AuditError, Journal
+    from underfire.audit.runner import AuditError, Journal
 
     fp = {"model": "m", "data": "d", "calibration": "c", "config": {}}
     j = Journal(tmp_path, "t", fp)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.interpreters import CAM, REGISTRY, RTS, RTSA, GradSaliency, InterpreterError, Mask, build_interpreter
-from guard.models import ImageClassifier, load_model
+from underfire.guard.interpreters import CAM, REGISTRY, RTS, RTSA, GradSaliency, InterpreterError, Mask, build_interpreter
+from underfire.guard.models import ImageClassifier, load_model
 from tests.conftest import tiny_classifier
 
 # Cheap settings per registered interpreter, for mechanics on tiny models. A new interpreter must add a row.
@@ -269,7 +269,7 @@ def test_mask_lowers_the_class_probability(fmnist_resnet, fmnist_small):
     x, y = fmnist_small
     interp = Mask(fmnist_resnet, steps=150)
     e = interp(x, y)
-    from guard.interpreters.mask import default_blur_sigma, gaussian_blur
+    from underfire.guard.interpreters.mask import default_blur_sigma, gaussian_blur
 
     m = 1 - e.saliency  # keep-mask
     xb = gaussian_blur(x, default_blur_sigma(28))
@@ -283,7 +283,7 @@ def test_mask_lowers_the_class_probability(fmnist_resnet, fmnist_small):
 
 
 def test_rts_checkpoint_must_match_model(tmp_path, fmnist_densenet):
-    from guard.models import CHECKPOINT_DIR
+    from underfire.guard.models import CHECKPOINT_DIR
 
     with pytest.raises(InterpreterError, match="trained for model 'fmnist_resnet'"):
         RTS.for_model(fmnist_densenet, CHECKPOINT_DIR / "rts_fmnist_resnet.pt")
@@ -302,7 +302,7 @@ def test_rts_checkpoint_must_match_model(tmp_path, fmnist_densenet):
 def test_fused_surrogate_backward_equals_its_autograd_composition(kind, hi):
     """_SurrogateGrad computes g · (h(z − lo) − h(z − hi)) and its derivatives by hand; autograd through
     surrogate_step is the reference, for value and for both first derivatives (the attack's second order)."""
-    from guard.interpreters.grad import _SurrogateGrad, surrogate_step
+    from underfire.guard.interpreters.grad import _SurrogateGrad, surrogate_step
 
     gen = torch.Generator().manual_seed(0)
     z = (torch.rand(4, 3, 5, 5, generator=gen, dtype=torch.float64) * 8 - 1).requires_grad_(True)  # around 0 and 6
@@ -316,7 +316,7 @@ def test_fused_surrogate_backward_equals_its_autograd_composition(kind, hi):
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
     # the clamp's own backward when it is not differentiated again (the attack's outer backward): g · d(z)
-    from guard.interpreters.grad import _ClampSurrogate
+    from underfire.guard.interpreters.grad import _ClampSurrogate
 
     (gz,) = torch.autograd.grad((w * _ClampSurrogate.apply(z, 0.0, hi, kind, 1e-2, 3.0)).sum(), z)
     d = surrogate_step(z, kind, 1e-2, 3.0) - (surrogate_step(z - hi, kind, 1e-2, 3.0) if hi else 0)
@@ -333,7 +333,7 @@ def _map_and_attack_gradient(model, x, target):
 def test_attack_view_gives_the_reference_map_and_gradient_on_real_mobilenet(mobilenet, photo_batch, monkeypatch):
     """The attack's fast path (batch norm folded, frozen convolutions, fused surrogate) against the plain
     autograd path on the live model: the same map and the same gradient of an ADV²-style loss."""
-    import guard.interpreters.grad as grad_mod
+    import underfire.guard.interpreters.grad as grad_mod
 
     x = photo_batch[0][:2]
     target = torch.rand(2, 1, 56, 56, generator=torch.Generator().manual_seed(3))
@@ -354,7 +354,7 @@ def test_attack_view_gives_the_reference_map_and_gradient_on_real_mobilenet(mobi
 def test_frozen_view_follows_the_live_model(fmnist_resnet):
     import copy
 
-    from guard.models import frozen_view
+    from underfire.guard.models import frozen_view
 
     model = copy.deepcopy(fmnist_resnet)
     flags = [p.requires_grad for p in model.parameters()]
@@ -377,7 +377,7 @@ def test_frozen_view_follows_the_live_model(fmnist_resnet):
 @pytest.mark.parametrize("spec", ["efficientnet_lite0", "torchvision:resnet18"])
 def test_batch_norm_folds_through_convolution_subclasses(spec):
     """EfficientNet-Lite0's 'same'-padding convolutions are Conv2d subclasses: their batch norms fold too."""
-    from guard.models import frozen_view
+    from underfire.guard.models import frozen_view
 
     model = load_model(spec, "random" if spec.startswith("torchvision") else None)
     view = frozen_view(model)

@@ -16,6 +16,27 @@ def _run(*args, **kw):
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600, **kw)
 
 
+# what a user's notebook imports, from a folder whose own packages have our folders' names
+IMPORTS = ("from underfire.audit.runner import run_audit; from underfire.training.data import fashion_mnist; "
+           "import underfire.guard, underfire.attacks; print(underfire.guard.__file__)")
+
+
+def _shadowing_project(folder: Path) -> Path:
+    """An ordinary ML repository: its own training/, audit/, guard/ and attacks/ packages."""
+    for pkg in ("training", "audit", "guard", "attacks"):
+        (folder / pkg).mkdir(parents=True)
+        (folder / pkg / "__init__.py").write_text("raise ImportError('the user\\'s own package was imported')\n")
+        (folder / pkg / "data.py").write_text("")
+    return folder
+
+
+def test_a_users_own_packages_do_not_shadow_the_editable_install(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = _run(sys.executable, "-c", IMPORTS, cwd=_shadowing_project(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert str(ROOT) in r.stdout
+
+
 def test_the_wheel_installs_and_runs_outside_the_repository(tmp_path):
     r = _run(sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w",
              tmp_path / "dist", cwd=ROOT)
@@ -33,10 +54,10 @@ def test_the_wheel_installs_and_runs_outside_the_repository(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["OMP_NUM_THREADS"] = "1"
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    where = _run(py, "-c", "import guard; print(guard.__file__)", cwd=outside, env=env).stdout
-    assert str(venv) in where and str(ROOT) not in where  # the installed copy, not the checkout
+    outside = _shadowing_project(tmp_path / "elsewhere")
+    where = _run(py, "-c", IMPORTS, cwd=outside, env=env)
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert str(venv) in where.stdout and str(ROOT) not in where.stdout  # the installed copy, not the checkout
     exe = venv / "bin" / "underfire"
     r = _run(exe, "--help", cwd=outside, env=env)
     assert r.returncode == 0 and "audit" in r.stdout, r.stderr[-2000:]

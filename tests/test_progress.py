@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 import re
 
-from audit.progress import Progress
-from audit.runner import AuditConfig, Target, run_audit
+from underfire.audit.progress import Progress
+from underfire.audit.runner import AuditConfig, Target, run_audit
 
 
 class _Terminal(io.StringIO):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from guard.interpreters.rts import RTS, load_saliency_net
-from guard.models import save_checkpoint
-from training.rts_adv import RTSAdvConfig, calibrate_balance, mask_area, rts_adv_loss, train_rts_adv
+from underfire.guard.interpreters.rts import RTS, load_saliency_net
+from underfire.guard.models import save_checkpoint
+from underfire.training.rts_adv import RTSAdvConfig, calibrate_balance, mask_area, rts_adv_loss, train_rts_adv
 
 
 def test_rts_adv_trains_on_real_data_and_round_trips(fmnist_resnet, fmnist_test, tmp_path):

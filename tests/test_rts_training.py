@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from guard.interpreters import RTS
-from guard.models import CHECKPOINT_DIR, read_checkpoint
-from training.rts import RTSConfig, rts_loss, rts_quality, train_rts
+from underfire.guard.interpreters import RTS
+from underfire.guard.models import CHECKPOINT_DIR, read_checkpoint
+from underfire.training.rts import RTSConfig, rts_loss, rts_quality, train_rts
 
 
 @pytest.mark.parametrize("name", ["fmnist_resnet", "fmnist_densenet"])

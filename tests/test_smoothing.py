@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from guard.interpreters import build_interpreter
-from guard.interpreters.base import Explanation, Interpreter
-from guard.smoothing import Smoothed, linf_as_l2, lower_bound, radius
+from underfire.guard.interpreters import build_interpreter
+from underfire.guard.interpreters.base import Explanation, Interpreter
+from underfire.guard.smoothing import Smoothed, linf_as_l2, lower_bound, radius
 from tests.conftest import tiny_classifier
 
 
@@ -84,8 +84,8 @@ def test_certificate_on_a_real_model(fmnist_resnet, fmnist_small):
 
 
 def test_smooth_prefix_builds_a_smoothed_interpreter_and_its_adv2_preset():
-    from attacks.adv2 import make_adv2
-    from guard.interpreters.base import InterpreterError
+    from underfire.attacks.adv2 import make_adv2
+    from underfire.guard.interpreters.base import InterpreterError
 
     model = tiny_classifier()
     sm = build_interpreter("smooth:grad", model, sigma=0.05, samples=2)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.adaptive import adaptive
-from attacks.adv2 import PGD, make_adv2
-from attacks.threats import AttackError
-from guard.calibration import DetectorError, threshold_at_fpr
-from guard.squeeze import SqueezeDetector, bit_depth, make_squeezer, median, non_local_means
+from underfire.attacks.adaptive import adaptive
+from underfire.attacks.adv2 import PGD, make_adv2
+from underfire.attacks.threats import AttackError
+from underfire.guard.calibration import DetectorError, threshold_at_fpr
+from underfire.guard.squeeze import SqueezeDetector, bit_depth, make_squeezer, median, non_local_means
 from tests.conftest import tiny_classifier
 
 

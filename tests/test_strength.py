@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from attacks.strength import LEVELS, Member, members, run_ensemble
-from attacks.threats import AttackError
-from audit.defenses import compare, convergence
-from audit.metrics import rate
+from underfire.attacks.strength import LEVELS, Member, members, run_ensemble
+from underfire.attacks.threats import AttackError
+from underfire.audit.defenses import compare, convergence
+from underfire.audit.metrics import rate
 
 
 def _toy(power: dict[str, float], need: torch.Tensor):
@@ -87,7 +87,7 @@ def test_a_short_attack_is_found_out_by_the_ensemble(tmp_path: Path):
     """A deliberately tiny schedule (÷80) leaves undefended GRAD looking hard to spoof under the quick attack;
     the standard ensemble (longer schedules, other steps) finds far more, and marks that row NOT CONVERGED
     (its ×4 member still gains); the quick run credits nothing."""
-    from audit.runner import AuditConfig, Target, headline, run_audit
+    from underfire.audit.runner import AuditConfig, Target, headline, run_audit
 
     out = {}
     for strength in ("quick", "standard"):

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from guard.models import FMNIST_CLASSES, SMALL_ARCHS, Checkpoint, ImageClassifier
-from training.data import fashion_mnist
-from training.loop import TrainConfig, run
+from underfire.guard.models import FMNIST_CLASSES, SMALL_ARCHS, Checkpoint, ImageClassifier
+from underfire.training.data import fashion_mnist
+from underfire.training.loop import TrainConfig, run
 
 
 @dataclass
@@ -58,7 +58,7 @@ def train_classifier(cfg: ClassifierConfig, device: str = "cpu",
         raise ValueError(f"unknown arch {cfg.arch!r}; choose from {sorted(SMALL_ARCHS)}")
     torch.manual_seed(cfg.seed)
     net = SMALL_ARCHS[cfg.arch]()
-    from guard.models import FMNIST_MEAN, FMNIST_STD
+    from underfire.guard.models import FMNIST_MEAN, FMNIST_STD
 
     model = ImageClassifier(net, FMNIST_MEAN, FMNIST_STD, name=f"fmnist_{cfg.arch}", input_size=(1, 28, 28),
                             categories=FMNIST_CLASSES)

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from guard.interpreters.mask import default_blur_sigma, gaussian_blur
-from guard.interpreters.base import preserved_state
-from guard.interpreters.rts import RTS
-from training.loop import TrainConfig, run
+from underfire.guard.interpreters.mask import default_blur_sigma, gaussian_blur
+from underfire.guard.interpreters.base import preserved_state
+from underfire.guard.interpreters.rts import RTS
+from underfire.training.loop import TrainConfig, run
 
 
 @dataclass

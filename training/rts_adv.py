@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from attacks.adv2 import PGD, Adv2
-from guard.interpreters.base import InterpreterError
-from guard.interpreters.rts import RTS
-from training.rts import RTSConfig, rts_loss, train_rts
+from underfire.attacks.adv2 import PGD, Adv2
+from underfire.guard.interpreters.base import InterpreterError
+from underfire.guard.interpreters.rts import RTS
+from underfire.training.rts import RTSConfig, rts_loss, train_rts
 
 
 @dataclass

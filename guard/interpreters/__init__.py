@@ -2,7 +2,7 @@
 ones teams deploy (Grad-CAM, Grad-CAM++, Input×Gradient, Integrated Gradients, Occlusion;
 SmoothGrad = smooth:grad)."""
 
-from guard.interpreters.base import (
+from underfire.guard.interpreters.base import (
     REGISTRY,
     Explanation,
     Interpreter,
@@ -10,13 +10,13 @@ from guard.interpreters.base import (
     build_interpreter,
     minmax,
 )
-from guard.interpreters.cam import CAM
-from guard.interpreters.grad import GradSaliency, ReluSurrogate
-from guard.interpreters.gradcam import GradCAM, GradCAMPlusPlus
-from guard.interpreters.gradients import InputXGradient, IntegratedGradients
-from guard.interpreters.mask import Mask, MaskConfig
-from guard.interpreters.occlusion import Occlusion
-from guard.interpreters.rts import RTS, RTSA, SaliencyNet
+from underfire.guard.interpreters.cam import CAM
+from underfire.guard.interpreters.grad import GradSaliency, ReluSurrogate
+from underfire.guard.interpreters.gradcam import GradCAM, GradCAMPlusPlus
+from underfire.guard.interpreters.gradients import InputXGradient, IntegratedGradients
+from underfire.guard.interpreters.mask import Mask, MaskConfig
+from underfire.guard.interpreters.occlusion import Occlusion
+from underfire.guard.interpreters.rts import RTS, RTSA, SaliencyNet
 
 __all__ = [
     "REGISTRY", "Explanation", "Interpreter", "InterpreterError", "build_interpreter", "minmax",

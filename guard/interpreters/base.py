@@ -251,7 +251,7 @@ def check_name(name: str) -> None:
     """Refuse an interpreter name that :func:`build_interpreter` could never build, without a model (so that an
     audit names a bad interpreter before anything loads). The part that is unknown is the one named: the inner
     map of ``smooth:<name>`` / ``opaque:<name>``, or the surrogate of ``opaque:<name>@<surrogate>``."""
-    from guard import interpreters  # noqa: F401  (fills the registry)
+    from underfire.guard import interpreters  # noqa: F401  (fills the registry)
 
     def plain(n: str, what: str) -> None:
         if n not in REGISTRY and n not in ("smoothgrad", "beta:grad"):
@@ -291,10 +291,10 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
     ``beta:grad`` is β-smoothed GRAD (Dombrowski et al. 2019): the deployed gradient map is computed through
     softplus-β in place of every ReLU in the backward pass, always (kwargs: beta, default ``BETA``).
     """
-    from guard import interpreters  # noqa: F401  (fills the registry)
+    from underfire.guard import interpreters  # noqa: F401  (fills the registry)
 
     if name.startswith("smooth:"):
-        from guard.smoothing import Smoothed
+        from underfire.guard.smoothing import Smoothed
 
         inner = name.split(":", 1)[1]
         if inner == "mask" or inner.startswith("smooth:"):
@@ -303,13 +303,13 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
 
     if name.startswith(("captum:", "gradcam:", "opaque:")):  # the reference libraries (optional extras) and
         # black-box views of native interpreters (guard/adapters.py)
-        from guard.adapters import build_adapter
+        from underfire.guard.adapters import build_adapter
 
         return build_adapter(name, model, **kwargs)
 
     if name == "smoothgrad":  # SmoothGrad (Smilkov et al. 2017): GRAD averaged over noisy copies, σ = 15% of the
         # range, the copies not clipped (captum NoiseTunnel's convention)
-        from guard.smoothing import Smoothed
+        from underfire.guard.smoothing import Smoothed
 
         sm = Smoothed(build_interpreter("grad", model), sigma=kwargs.pop("sigma", 0.15),
                       samples=kwargs.pop("samples", 16), clip=kwargs.pop("clip", False), **kwargs)

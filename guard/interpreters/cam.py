@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target, register
-from guard.models import CamUnsupportedError
+from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target, register
+from underfire.guard.models import CamUnsupportedError
 
 
 @register("cam")

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from guard.models import frozen_view
-from guard.interpreters.base import Explanation, Interpreter, minmax, pick_target, register
+from underfire.guard.models import frozen_view
+from underfire.guard.interpreters.base import Explanation, Interpreter, minmax, pick_target, register
 
 SURROGATES = ("literal", "smooth", "softplus")
 

@@ -19,8 +19,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target, register
-from guard.interpreters.grad import ReluSurrogate
+from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target, register
+from underfire.guard.interpreters.grad import ReluSurrogate
 
 
 def feature_layers(model: nn.Module, hw: tuple[int, int] | None = None) -> list[tuple[str, tuple[int, ...]]]:

@@ -20,8 +20,8 @@ import copy
 
 import torch
 
-from guard.interpreters.base import InterpreterError, pick_target, register
-from guard.interpreters.grad import GradSaliency
+from underfire.guard.interpreters.base import InterpreterError, pick_target, register
+from underfire.guard.interpreters.grad import GradSaliency
 
 BASELINES = ("black", "blur")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from guard.interpreters.base import Explanation, Interpreter, InterpreterError, pick_target, register
+from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, pick_target, register
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target, register
+from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target, register
 
 
 def default_window(side: int) -> tuple[int, int]:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.interpreters.base import Explanation, Interpreter, InterpreterError, pick_target, register
-from guard.models import CHECKPOINT_DIR, ModelError, SmallDenseNet, SmallResNet, read_checkpoint
+from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, pick_target, register
+from underfire.guard.models import CHECKPOINT_DIR, ModelError, SmallDenseNet, SmallResNet, read_checkpoint
 
 Encoder = Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
 
