@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from underfire.guard.errors import UnderfireError
 
 
-class AttackError(ValueError):
+class AttackError(UnderfireError):
     """Bad arguments to an attack; the message says which and why."""
 
 

@@ -18,16 +18,20 @@ from pathlib import Path
 import click
 import torch
 
+from underfire.guard.errors import UnderfireError
 from underfire.guard.interpreters.base import InterpreterError
 from underfire.guard.models import ModelError, list_models, load_model, load_torch_file, save_checkpoint
 from underfire.training.data import DataError
 
-KNOWN_ERRORS = (ModelError, DataError, InterpreterError, ValueError, OSError)
+KNOWN_ERRORS = (UnderfireError, OSError)  # bad input a user can fix; anything else is an internal error
+INTERNAL = 70  # EX_SOFTWARE: a bug, not bad input
 EXIT_CODES = """Exit status: 0 the audit measured the deployment (and it is within --fail-above); 1 an error
 (bad setting, model, data or folder; one 'Error:' line); 2 a usage error of the command line; 3 the
 headline spoofability is above --fail-above; 4 the audit could not measure the deployment (refused before
 the attacks, or a target marked INCONCLUSIVE after them) and passes no gate — nor does, under --fail-above,
-a spoofability measured only from below (an interpreter without a gradient, attacked by transfer / queries)."""
+a spoofability measured only from below (transfer / query attacks, a map whose gradient is not its derivative,
+a row NOT CONVERGED), an interpreter listed but not attacked, or random weights; 70 an internal error (a bug:
+one 'Internal error:' line; -v shows the traceback)."""
 
 
 class CliError(click.ClickException):
@@ -40,6 +44,11 @@ class CliError(click.ClickException):
         self.exit_code = getattr(exc, "exit_code", 1)
 
 
+def _verbose() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get("verbose"))
+
+
 def friendly(fn):
     """Turn the library's known errors (and OS errors) into one clear line and their exit status; with -v the
     traceback too."""
@@ -49,12 +58,23 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except KNOWN_ERRORS as exc:
-            ctx = click.get_current_context(silent=True)
-            if ctx is not None and ctx.find_root().params.get("verbose"):
+            if _verbose():
                 import traceback
 
                 traceback.print_exc()
             raise CliError(exc) from exc
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 (not bad input: say so, never dress a bug up as one)
+            if _verbose():
+                import traceback
+
+                traceback.print_exc()
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            click.echo(f"Internal error: {type(exc).__name__}{': ' + msg if msg else ''}. This is a bug in underfire "
+                       f"(or in code it called), not a problem with your input; run again with -v for the traceback "
+                       f"and report it.", err=True)
+            sys.exit(INTERNAL)
 
     return wrapper
 

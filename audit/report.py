@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from underfire.guard.errors import UnderfireError  # noqa: E402
 
 
 def _img(x: torch.Tensor):
@@ -86,7 +87,7 @@ ATTACK_LABELS.update({f"defense-{m}+{d}": f"{ATTACK_LABELS[f'defense-{m}']} + {d
                       for m in ("smooth", "beta") for d in ("squeeze", "ensemble-norm", "stability", "learned")})
 
 
-class ReportError(ValueError):
+class ReportError(UnderfireError):
     """A report file that is not an underfire audit report of a schema this version reads."""
 
 

@@ -74,6 +74,7 @@ from underfire.guard.squeeze import SqueezeDetector
 from underfire.guard.stability import StabilityDetector
 from underfire.training.data import DataError, ImageFolderDataset, fashion_mnist, folder_kind, load_images, photos, stack
 from underfire.training.loop import distributed_setup
+from underfire.guard.errors import UnderfireError
 
 log = logging.getLogger(__name__)
 ATTACKS = ("pgd", "adv2", "stadv2", "adaptive", "blackbox")
@@ -86,7 +87,7 @@ ADAPTIVE_LAM = 3.0
 CERT_SAMPLES, CERT_K = 100, 0.2
 
 
-class AuditError(ValueError):
+class AuditError(UnderfireError):
     """A deployment, dataset, setting or run folder the audit cannot use; the message says which and why.
 
     The CLI turns it into one ``Error:`` line and ``exit_code``."""

@@ -665,8 +665,31 @@ def embed_predictions(args) -> list[str]:
     return out
 
 
+def embed_strength(args) -> list[str]:
+    """benchmarks/strength_cost.py records: per attack strength the wall time of the default audit and its ratio
+    to quick, and per row the attacker compute per input (in preset attacks), spoofed inputs and convergence."""
+    out = []
+    for rec, _, _ in args:
+        levels = rec["levels"]
+        quick = levels["quick"]["seconds"]
+        rows = [(r["target"], r["interpreter"], r["defense"]) for r in levels["quick"]["rows"]]
+        out.append("| row | " + " | ".join(f"`{lv}`" for lv in levels) + " |")
+        out.append("|---" * (1 + len(levels)) + "|")
+        out.append("| wall time of the whole audit (× quick) | " + " | ".join(
+            f"{v['seconds'] / 60:.1f} min (×{v['seconds'] / quick:.1f})" for v in levels.values()) + " |")
+        for key in rows:
+            cells = []
+            for v in levels.values():
+                r = next((r for r in v["rows"] if (r["target"], r["interpreter"], r["defense"]) == key), None)
+                cells.append("–" if r is None else f"{r['compute_per_input']:g}× · {r['spoofed']}/{r['n']} · "
+                                                   f"{r['status']}")
+            t, i, d = key
+            out.append(f"| {t} {i.upper()} {'undefended' if d == 'none' else d} | " + " | ".join(cells) + " |")
+    return out
+
+
 EMBEDS = {"comparison": embed_comparison, "predictions": embed_predictions, "blackbox": embed_blackbox, "defenses": embed_defenses, "summary": embed_summary, "rtsa": embed_rtsa, "spoof": embed_spoof, "steps": embed_steps, "adv2": embed_adv2, "targets": embed_targets, "transfer": embed_transfer, "stadv": embed_stadv,
-          "squeeze": embed_squeeze, "ensemble": embed_ensemble}
+          "squeeze": embed_squeeze, "ensemble": embed_ensemble, "strength": embed_strength}
 
 
 def embedded(text: str) -> str:
@@ -778,6 +801,8 @@ def find(rec_name: str, shown: str) -> list[str]:
 
 
 def _machine(rec: dict) -> str:
+    if "levels" in rec:  # a strength-cost record
+        return f"{rec['machine']}, {rec['cores']} cores, {rec['threads']} threads, torch {rec['torch']}, {rec['date']}"
     if "floor_s" in rec:  # a step-cost record
         return f"{rec['device']}, torch {rec['torch']}, {rec['date']}, floor {rec['floor_s'] * 1e3:.1f} ms"
     if "environment" in rec:  # an audit record

@@ -23,9 +23,10 @@ import torch
 
 from underfire.guard.interpreters.base import check_input
 from underfire.guard.models import ModelError, read_checkpoint, save_checkpoint
+from underfire.guard.errors import UnderfireError
 
 
-class DetectorError(ValueError):
+class DetectorError(UnderfireError):
     """Bad calibration data, thresholds for another model, or a detector file that does not fit."""
 
 

@@ -40,10 +40,11 @@ FMNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+from underfire.guard.errors import UnderfireError
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 
 
-class ModelError(ValueError):
+class ModelError(UnderfireError):
     """A model cannot be built or loaded; the message says why and what to do."""
 
 

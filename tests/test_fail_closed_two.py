@@ -292,3 +292,30 @@ def test_resume_redoes_edited_batches_and_refuses_changed_or_damaged_journals(tm
     _pngs(tmp_path / "f", 6)
     (batch.parent / "batch_size").write_text("ten")
     one_error(cli_here(*base, "--resume"), "should hold the run's batch size")
+
+
+# -- one error root ---------------------------------------------------------------------------------------------
+def test_every_library_error_is_an_underfire_error_and_a_bug_is_not_bad_input(tmp_path, monkeypatch):
+    """Errors raised on purpose share one root and print as one 'Error:' line; any other exception inside a
+    command (here a bare ValueError from deep in the run) is an internal error, exit 70, never 'bad input'."""
+    import underfire.audit.runner as runner
+    from underfire.attacks.threats import AttackError
+    from underfire.audit.report import ReportError
+    from underfire.guard.calibration import DetectorError
+    from underfire.guard.errors import UnderfireError
+    from underfire.guard.interpreters.base import InterpreterError
+    from underfire.guard.models import ModelError
+    from underfire.training.data import DataError
+    from underfire.training.loop import LaunchError
+
+    for cls in (AttackError, ReportError, DetectorError, InterpreterError, ModelError, DataError, LaunchError,
+                runner.AuditError, runner.AuditRefused):
+        assert issubclass(cls, UnderfireError), cls
+    assert runner.AuditRefused.exit_code == 4
+
+    def broken(*a, **k):
+        raise ValueError("shapes do not line up")
+    monkeypatch.setattr(runner, "run_audit", broken)
+    r = cli_here("audit", *SMALL, "--out", tmp_path / "runs")
+    assert r.returncode == 70 and "Internal error: ValueError: shapes do not line up" in r.stderr
+    assert not [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")] and "Traceback" not in r.stderr

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, TensorDataset
 from underfire.guard.models import FMNIST_CLASSES, SMALL_ARCHS, Checkpoint, ImageClassifier
 from underfire.training.data import fashion_mnist
 from underfire.training.loop import TrainConfig, run
+from underfire.guard.models import ModelError
 
 
 @dataclass
@@ -55,7 +56,7 @@ def train_classifier(cfg: ClassifierConfig, device: str = "cpu",
                      progress: Callable[[dict], None] | None = None) -> tuple[ImageClassifier, Checkpoint]:
     """Train a small net on the real Fashion-MNIST training set; evaluate on the 10k test set."""
     if cfg.arch not in SMALL_ARCHS:
-        raise ValueError(f"unknown arch {cfg.arch!r}; choose from {sorted(SMALL_ARCHS)}")
+        raise ModelError(f"unknown arch {cfg.arch!r}; choose from {sorted(SMALL_ARCHS)}")
     torch.manual_seed(cfg.seed)
     net = SMALL_ARCHS[cfg.arch]()
     from underfire.guard.models import FMNIST_MEAN, FMNIST_STD

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, TensorDataset
+from underfire.guard.errors import UnderfireError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ PHOTO_DIR = Path(__file__).resolve().parent / "photos"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-class DataError(ValueError):
+class DataError(UnderfireError):
     """A dataset cannot be found or read; the message names the problem and the fix."""
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from underfire.guard.errors import UnderfireError
+from underfire.training.data import DataError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class TrainConfig:
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-class LaunchError(ValueError):
+class LaunchError(UnderfireError):
     """The environment claims a distributed run (torchrun's variables) that cannot be joined."""
 
 
@@ -101,7 +103,7 @@ def run(
         {"seconds": ..., "steps": ..., "final_loss": ...}
     """
     if len(dataset) == 0:
-        raise ValueError("training dataset is empty")
+        raise DataError("training dataset is empty")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

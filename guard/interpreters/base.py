@@ -23,9 +23,10 @@ from typing import Callable, ContextManager, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from underfire.guard.errors import UnderfireError
 
 
-class InterpreterError(ValueError):
+class InterpreterError(UnderfireError):
     """Bad input to an interpreter, or a model the interpreter cannot explain."""
 
 

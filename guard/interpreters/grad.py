@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from underfire.guard.models import frozen_view
 from underfire.guard.interpreters.base import Explanation, Interpreter, minmax, pick_target, register
+from underfire.guard.interpreters.base import InterpreterError
 
 SURROGATES = ("literal", "smooth", "softplus")
 
@@ -44,7 +45,7 @@ def surrogate_step(z: torch.Tensor, kind: str, tau: float = 1e-4, beta: float = 
         return z / torch.sqrt(z * z + tau) + (z < 0).to(z.dtype)
     if kind == "softplus":
         return torch.sigmoid(beta * z)
-    raise ValueError(f"unknown ReLU surrogate {kind!r}; choose from {SURROGATES}")
+    raise InterpreterError(f"unknown ReLU surrogate {kind!r}; choose from {SURROGATES}")
 
 
 def _derivative(z: torch.Tensor, lo: float, hi: float | None, kind: str, tau: float, beta: float,
@@ -210,7 +211,7 @@ class GradSaliency(Interpreter):
                  tau: float = 1e-4, beta: float = 10.0, always_surrogate: bool = False) -> None:
         super().__init__(model)
         if loss not in ("nll", "logit"):
-            raise ValueError(f"loss must be 'nll' or 'logit', not {loss!r}")
+            raise InterpreterError(f"loss must be 'nll' or 'logit', not {loss!r}")
         if surrogate is not None:
             surrogate_step(torch.zeros(1), surrogate)
         self.loss, self.pool, self.surrogate = loss, pool, surrogate

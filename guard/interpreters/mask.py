@@ -80,7 +80,7 @@ class Mask(Interpreter):
         cfg = config or MaskConfig()
         for k, v in overrides.items():
             if not hasattr(cfg, k):
-                raise ValueError(f"unknown MASK option {k!r}")
+                raise InterpreterError(f"unknown MASK option {k!r}")
             setattr(cfg, k, v)
         self.cfg = cfg
 
