@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import sys
 import shutil
 import weakref
 from dataclasses import dataclass, field
@@ -590,6 +591,8 @@ def _head_size(net: nn.Module) -> int | None:
 
 def _from_entry_point(spec: str) -> ImageClassifier:
     mod_name, fn_name = spec.split(":", 1)
+    if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` would: the working folder's modules
+        sys.path.insert(0, os.getcwd())  # (the `underfire` script alone does not put it on the path)
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except Exception as exc:  # noqa: BLE001 — the user's module may raise anything while importing

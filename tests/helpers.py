@@ -16,8 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def cli(*args, cwd, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    """``underfire ARGS`` as a user runs it: a subprocess, output captured."""
+def cli(*args, cwd, env_extra: dict | None = None, process: bool = False, **kw):
+    """``underfire ARGS`` as a user runs it, output captured: in this process (click's runner, one thread, no torch
+    import to pay) unless ``process`` (a real subprocess, where the process itself is the point)."""
+    if not process:
+        return cli_here(*args, env=env_extra, cwd=cwd)
     return subprocess.run([sys.executable, "-m", "underfire.audit.cli", *map(str, args)], cwd=cwd, env={**ENV, **(env_extra or {})},
                           capture_output=True, text=True, timeout=600, **kw)
 
@@ -158,13 +161,15 @@ def cli_here(*args, env: dict | None = None, cwd: Path | None = None) -> Ran:
 
     from underfire.audit.cli import main
 
-    old = Path.cwd()
+    old, threads = Path.cwd(), torch.get_num_threads()
     try:
         if cwd is not None:
             os.chdir(cwd)
+        torch.set_num_threads(1)  # as the subprocesses run (OMP_NUM_THREADS=1): the same records either way
         r = CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=True)
     finally:
         os.chdir(old)
+        torch.set_num_threads(threads)
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         raise r.exception
     return Ran(r.exit_code, r.stdout, r.stderr)
