@@ -59,7 +59,17 @@ def test_a_map_whose_gradient_is_not_its_derivative_is_a_lower_bound(tmp_path):
     assert "finite differences" in tg["summary"]["interpreters"]["ours"]["lower_bound"]
 
 
-def test_random_weights_pass_no_gate():
+def test_random_weights_pass_no_gate_even_when_the_attacks_work(tmp_path):
+    """PGD and ADV² do work on a random MobileNetV3 (the run is conclusive), yet it audits no deployment."""
+    r = cli_here("audit", "--model", "torchvision:mobilenet_v3_small", "--weights", "random", "--data", "photos",
+                 "--n", "2", "--interpreters", "gradcam", "--attacks", "pgd,adv2", "--defenses", "", "--shorten", "40",
+                 "--fail-above", "1", "--out", tmp_path)
+    assert r.returncode == 4, r.stderr[-2000:]
+    assert "an audit of untrained weights passes no gate" in r.stderr and "INCONCLUSIVE: this run" not in r.stderr
+    assert _report(tmp_path / "default")["headline"]["status"] == "measured"
+
+
+def test_random_weights_are_named_in_the_headline():
     from underfire.audit.metrics import rate
     from underfire.audit.runner import headline
 
