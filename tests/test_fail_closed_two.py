@@ -198,7 +198,7 @@ def test_a_failing_team_map_is_one_error(entry, needle, tmp_path):
 
 # -- settings checked before anything loads ----------------------------------------------------------------------
 @pytest.mark.parametrize("args, needle", [
-    (("--interpreters", "cam,foo"), "interpreter 'foo' is not a known interpreter"),
+    (("--interpreters", "cam,foo"), "unknown interpreter 'foo'"),
     (("--interpreters", "opaque:cam@nope"), "in 'opaque:cam@nope', the surrogate 'nope' is not a known interpreter"),
     (("--interpreters", "opaque:nope@cam"), "the served interpreter 'nope'"),
     (("--seed", str(2 ** 40)), "seed must be an integer in [0, 2**31)"),

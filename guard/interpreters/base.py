@@ -254,17 +254,20 @@ def check_name(name: str) -> None:
     map of ``smooth:<name>`` / ``opaque:<name>``, or the surrogate of ``opaque:<name>@<surrogate>``."""
     from underfire.guard import interpreters  # noqa: F401  (fills the registry)
 
-    def plain(n: str, what: str) -> None:
+    def plain(n: str, what: str | None) -> None:
         if n not in REGISTRY and n not in ("smoothgrad", "beta:grad"):
-            raise InterpreterError(f"{what} {n!r} is not a known interpreter; known: "
-                                   f"{', '.join(sorted([*REGISTRY, 'smoothgrad', 'beta:grad']))}")
+            known = ", ".join(sorted([*REGISTRY, "smoothgrad", "beta:grad"]))
+            raise InterpreterError(f"unknown interpreter {n!r}; known: {known}" if what is None else
+                                   f"{what} {n!r} is not a known interpreter; known: {known}")
 
     if not isinstance(name, str) or not name:
         raise InterpreterError(f"an interpreter name is a non-empty string, got {name!r}")
     prefix, colon, rest = name.partition(":")
     if not colon or name == "beta:grad":
-        return plain(name, "interpreter")
+        return plain(name, None)
     if prefix == "smooth":
+        if rest == "mask" or rest.startswith("smooth:"):
+            raise InterpreterError(f"{name!r}: smoothing wraps a one-pass interpreter (grad, cam, rts), not {rest!r}")
         return plain(rest, f"in {name!r}, the smoothed interpreter")
     if prefix == "opaque":
         inner, at, surrogate = rest.partition("@")
@@ -292,15 +295,11 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
     ``beta:grad`` is β-smoothed GRAD (Dombrowski et al. 2019): the deployed gradient map is computed through
     softplus-β in place of every ReLU in the backward pass, always (kwargs: beta, default ``BETA``).
     """
-    from underfire.guard import interpreters  # noqa: F401  (fills the registry)
-
+    check_name(name)  # the one place that knows which names exist (and fills the registry)
     if name.startswith("smooth:"):
         from underfire.guard.smoothing import Smoothed
 
-        inner = name.split(":", 1)[1]
-        if inner == "mask" or inner.startswith("smooth:"):
-            raise InterpreterError(f"{name!r}: smoothing wraps a one-pass interpreter (grad, cam, rts), not {inner!r}")
-        return Smoothed(build_interpreter(inner, model), **kwargs)
+        return Smoothed(build_interpreter(name.split(":", 1)[1], model), **kwargs)
 
     if name.startswith(("captum:", "gradcam:", "opaque:")):  # the reference libraries (optional extras) and
         # black-box views of native interpreters (guard/adapters.py)
@@ -317,16 +316,11 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
         sm.name = "smoothgrad"
         return sm
 
-    if name.startswith("beta:"):
-        if name != "beta:grad":
-            raise InterpreterError(f"{name!r}: β-smoothing changes a gradient map's backward pass; only 'beta:grad' "
-                                   f"exists")
+    if name == "beta:grad":
         grad = build_interpreter("grad", model, surrogate="softplus", always_surrogate=True,
                                  beta=kwargs.pop("beta", BETA), **kwargs)
         grad.name = name
         return grad
 
-    if name not in REGISTRY:
-        raise InterpreterError(f"unknown interpreter {name!r}; known: {', '.join(sorted(REGISTRY))}")
     factory = getattr(REGISTRY[name], "for_model", REGISTRY[name])
     return factory(model, **kwargs)
