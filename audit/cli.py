@@ -10,14 +10,12 @@ import functools
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import click
 import torch
-
 from underfire.guard.errors import UnderfireError
 from underfire.guard.interpreters.base import InterpreterError
 from underfire.guard.models import ModelError, list_models, load_model, load_torch_file, save_checkpoint
@@ -262,11 +260,11 @@ def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area,
                   start, eps, repel_weight, repel_margin, adv_weight, own_encoder, attack_steps, polish_epochs, area_match,
                   seed, out, device) -> None:
     """Train an RTS saliency network (or RTS^A) for a classifier and report its quality on held-out data."""
+    from torch.utils.data import TensorDataset
+    from underfire.guard.interpreters.rts import RTS
     from underfire.training.data import ImageFolderDataset, fashion_mnist, stack
     from underfire.training.rts import RTSConfig, rts_quality, train_rts
     from underfire.training.rts_adv import RTSAdvConfig, train_rts_adv
-    from underfire.guard.interpreters.rts import RTS
-    from torch.utils.data import TensorDataset
 
     model = load_model(model_name)
     if data == "fashion-mnist":
@@ -333,7 +331,7 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
 
     from underfire.audit.defenses import NEEDS_TWO
     from underfire.audit.presets import preset
-    from underfire.audit.runner import AuditConfig, AuditError, Target
+    from underfire.audit.config import AuditConfig, AuditError, Target
 
     if config is not None:
         try:
@@ -373,7 +371,7 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
 
 
 def _check_gate(fail_above: float | None) -> None:
-    from underfire.audit.runner import AuditError
+    from underfire.audit.config import AuditError
 
     if fail_above is not None and not 0 <= fail_above <= 1:
         raise AuditError(f"--fail-above is a spoofability in [0, 1] (0.2 means 20%), got {fail_above:g}")
@@ -385,9 +383,11 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
     and exit with the documented status: 0 measured and within --fail-above, 3 above it, 4 inconclusive."""
     import json
 
-    from underfire.audit.report import summary_text, summary_rows, write_report
+    from underfire.audit.report import summary_rows, summary_text, write_report
     from underfire.audit.rundir import RunFolder, check_writable
-    from underfire.audit.runner import AuditError, config_diff, run_audit
+    from underfire.audit.config import AuditError
+    from underfire.audit.journal import config_diff
+    from underfire.audit.runner import run_audit
     from underfire.training.loop import distributed_setup
 
     check_writable(out)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
 from underfire.guard.maps import iou_at_k, l1  # noqa: F401  (the map distances live with the detectors)
 
 K_GRID = tuple(range(5, 100, 5))

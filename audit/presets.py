@@ -9,7 +9,7 @@ Each preset is an AuditConfig; ``PAPER`` holds the paper's published numbers pri
 
 from __future__ import annotations
 
-from underfire.audit.runner import AuditConfig, AuditError, Target
+from underfire.audit.config import AuditConfig, AuditError, Target
 
 FMNIST_ALL = ["grad", "cam", "rts", "mask"]
 

@@ -69,9 +69,9 @@ def overlay_grid(
 # ------------------------------------------------------------------------------------------------------------
 import base64  # noqa: E402
 import html  # noqa: E402
-import textwrap  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import textwrap  # noqa: E402
 
 import numpy as np  # noqa: E402
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from underfire.audit.runner import AuditError
+from underfire.audit.config import AuditError
 
 
 def check_writable(out: Path) -> None:

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from underfire.audit.progress import Progress  # noqa: E402
-from underfire.audit.runner import AuditConfig, Target, run_audit  # noqa: E402
+from underfire.audit.config import AuditConfig, Target  # noqa: E402
+from underfire.audit.runner import run_audit  # noqa: E402
 
 
 def option(text: str) -> tuple[str, object]:

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from underfire.audit.report import ATTACK_LABELS, _cert_text, _rate, comparison_rows, load_report  # noqa: E402
+from underfire.audit.report import _cert_text, _rate, comparison_rows, load_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 INTRO = """# Defenses compared
@@ -526,7 +526,7 @@ def embed_comparison(args) -> list[str]:
     the merged rows."""
     from underfire.audit.defenses import verdict
     from underfire.audit.metrics import rate
-    from underfire.audit.runner import spoofed_inputs
+    from underfire.audit.aggregate import spoofed_inputs
 
     (first, _, _), out = args[0], []
     fpr = first["config"]["fpr"]
@@ -749,7 +749,7 @@ def formatted(value, fmt: str) -> str:
     return format(value, fmt)
 
 
-def _record(name: str) -> dict:
+def record(name: str) -> dict:
     """A record of benchmarks/results/, or (a name ending .pt) a bundled checkpoint's stored metrics."""
     if "+" in name:  # shards of one run, pooled by image count
         return _pooled(name)
@@ -768,7 +768,7 @@ def quoted(text: str) -> str:
 
     def sub(m: re.Match) -> str:
         if m["rec"] not in cache:
-            cache[m["rec"]] = _record(m["rec"])
+            cache[m["rec"]] = record(m["rec"])
         num, _, den = m["path"].partition("÷")  # "a÷b" quotes the ratio of two values of the record
         value = lookup(cache[m["rec"]], num)
         value = formatted(value / lookup(cache[m["rec"]], den) if den else value, m["fmt"])
@@ -796,7 +796,7 @@ def find(rec_name: str, shown: str) -> list[str]:
                         hits.append(f"{path} {f}")
                 except (ValueError, TypeError):
                     pass
-    walk(_record(rec_name), "")
+    walk(record(rec_name), "")
     return hits
 
 

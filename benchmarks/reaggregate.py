@@ -20,7 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from underfire.audit.runner import AuditError, reaggregate  # noqa: E402
+from underfire.audit.aggregate import reaggregate  # noqa: E402
+
+from underfire.audit.config import AuditError  # noqa: E402
 
 
 def main() -> int:

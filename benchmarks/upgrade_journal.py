@@ -22,7 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from underfire.audit.runner import AuditConfig, Journal, build_deployment, digest, fingerprint, resolve_device  # noqa: E402
+from underfire.audit.config import AuditConfig, resolve_device  # noqa: E402
+
+from underfire.audit.deployment import build_deployment  # noqa: E402
+
+from underfire.audit.journal import Journal, digest, fingerprint  # noqa: E402
 
 
 def main() -> int:

@@ -11,7 +11,7 @@ from underfire.attacks.adv2 import PGD, Adv2
 from underfire.attacks.objectives import cw_margin, ramp, smoothed_nll, stepwise
 from underfire.attacks.pgd import Attack, Stage
 from underfire.attacks.targets import benign_maps, other_class_maps, random_shapes, target_classes
-from underfire.attacks.threats import AttackError, FlowField, LinfBall, flow_loss, quantize
+from underfire.attacks.threats import AttackError, FlowField, LinfBall, flow_loss
 from underfire.audit.metrics import iou_at_k, iou_mean, l1
 from underfire.guard.interpreters import CAM
 from tests.conftest import tiny_classifier

@@ -4,7 +4,6 @@ bad deployments. Runs a tiny real audit (Fashion-MNIST ResNet, CAM + RTS, squeez
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 from underfire.audit.report import SCHEMA_VERSION, ReportError, load_report, render_html
-from underfire.audit.runner import AuditConfig, AuditError
+from underfire.audit.config import AuditConfig, AuditError
 from tests.helpers import ENV, cli, one_error
 
 CONFIG = """
@@ -122,7 +121,7 @@ def test_resume_refuses_batches_of_another_run(full_run, work, tmp_path):
     """A journal batch copied into another batch's place, or made with other settings, is refused by name."""
     import shutil
 
-    from underfire.audit.runner import digest
+    from underfire.audit.journal import digest
 
     run = tmp_path / "runs" / "tiny"
     shutil.copytree(full_run[0], run)
@@ -255,13 +254,14 @@ def test_model_flag_keeps_a_one_target_preset_and_replaces_a_multi_target_one():
 def test_speed_flags_reach_every_attack_of_the_audit():
     """--precision / --compile go from the CLI flags into the config and into each attack the runner makes."""
     from underfire.audit.cli import resolve_config
-    from underfire.audit.runner import Deployment, _adv2, _pgd
+    from underfire.audit.deployment import Deployment
+    from underfire.audit.plan import adv2_attack, pgd_attack
 
     cfg = resolve_config(None, "default", {"precision": "bf16", "compile": True})
     assert cfg.precision == "bf16" and cfg.compile is True
     dep = Deployment(None, {}, 8 / 255, None, None, None, None, None, [], None, cfg.precision, cfg.compile)
     t = cfg.targets[0]
-    for atk in (_pgd(t, dep), _adv2(t, dep, "cam"), _adv2(t, dep, "mask")):
+    for atk in (pgd_attack(t, dep), adv2_attack(t, dep, "cam"), adv2_attack(t, dep, "mask")):
         assert atk.precision == "bf16" and atk.compile is True and atk.describe()["compile"] is True
 
 
@@ -269,7 +269,8 @@ def test_auto_batch_size():
     """fit_batch: the largest power of two whose memory fits the budget, within [1, min(n, cap)]; 'auto' on CPU
     is 32; the CLI's string form is accepted and bad values are refused."""
     from underfire.audit.cli import resolve_config
-    from underfire.audit.runner import AUTO_CPU_BATCH, AuditConfig, AuditError, Deployment, auto_batch_size, fit_batch
+    from underfire.audit.config import AuditConfig, AuditError
+    from underfire.audit.deployment import AUTO_CPU_BATCH, Deployment, auto_batch_size, fit_batch
 
     gib = 2 ** 30
     assert fit_batch(100 * 2 ** 20, 10 * gib, n=10_000) == 64  # 0.7 · 10 GiB / 100 MiB = 71.7 → 64
@@ -288,7 +289,9 @@ def test_auto_batch_size():
 
 def test_resumed_auto_batch_keeps_the_journaled_size(tmp_path):
     """An 'auto' run resumed on other hardware must cut the batches the journal was written with."""
-    from underfire.audit.runner import AuditConfig, AuditError, Deployment, Journal, resolve_batch_size
+    from underfire.audit.config import AuditConfig, AuditError
+    from underfire.audit.deployment import Deployment, resolve_batch_size
+    from underfire.audit.journal import Journal
 
     dep = Deployment(None, {}, 8 / 255, torch.zeros(100, 1, 28, 28), None, None, None, None, [], None)
     t, j = AuditConfig().targets[0], Journal(tmp_path, "k")
@@ -302,14 +305,15 @@ def test_resumed_auto_batch_keeps_the_journaled_size(tmp_path):
 def test_a_plain_folder_of_images_is_audited_with_the_models_predictions(tmp_path, fmnist_resnet):
     """A folder without class subfolders (the usual thing to audit an ImageNet model with): the model's own
     predictions are the classes, and the detectors calibrate on crops of the images that are not audited."""
-    from underfire.audit.runner import Target, _validate_target, build_deployment
+    from underfire.audit.config import Target, validate_target
+    from underfire.audit.deployment import build_deployment
     from underfire.training.data import fashion_mnist
 
     xs = fashion_mnist("test").tensors[0][:12]
     for i, im in enumerate(xs):
         Image.fromarray((im[0].numpy() * 255).round().astype("uint8"), mode="L").save(tmp_path / f"img{i:02d}.png")
     t = Target("fmnist_resnet", interpreters=["cam"], data=str(tmp_path), n=4, calibration_n=16)
-    _validate_target(t)
+    validate_target(t)
     dep = build_deployment(t, 0, torch.device("cpu"))
     assert len(dep.x) == 4 and torch.equal(dep.y, fmnist_resnet(dep.x).argmax(1))
     assert dep.x_cal.shape == (16, 1, 28, 28) and dep.x_heldout.shape == (16, 1, 28, 28)
@@ -364,7 +368,7 @@ def test_adv2_tables_benchmark_runs_through_the_audit(tmp_path):
 
 
 def test_a_bad_adv2_option_is_refused_by_name():
-    from underfire.audit.runner import AuditConfig, AuditError, Target
+    from underfire.audit.config import AuditConfig, AuditError, Target
 
     cfg = AuditConfig(targets=[Target(interpreters=["cam"], adv2_options={"lam_scal": 3})])
     with pytest.raises(AuditError, match="lam_scal"):

@@ -158,7 +158,8 @@ def build():
 def test_an_interpreter_without_a_gradient_is_attacked_by_queries_and_never_passes_a_gate(tmp_path, monkeypatch):
     """The pre-flight finds no gradient; the audit runs query ADV² instead of a white-box attack that could
     not move, reports its spoofability as a lower bound, and the CLI gate does not pass it."""
-    from underfire.audit.runner import AuditConfig, Target, run_audit
+    from underfire.audit.config import AuditConfig, Target
+    from underfire.audit.runner import run_audit
     from tests.helpers import cli
 
     (tmp_path / "npmodels.py").write_text(NUMPY_MODULE)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from underfire.attacks.adaptive import adaptive
-from underfire.attacks.adv2 import PGD, make_adv2
+from underfire.attacks.adv2 import make_adv2
 from underfire.attacks.targets import benign_maps, target_classes
 from underfire.audit.defenses import compare, cost_text, detector_cost, map_defense_name
 from underfire.audit.metrics import rate
-from underfire.audit.runner import AuditError, Target, _validate_target
+from underfire.audit.config import AuditError, Target, validate_target
 from underfire.guard.calibration import DetectorError, roc_auc
 from underfire.guard.ensemble import DisagreementDetector, NormalisedDisagreementDetector
 from underfire.guard.interpreters import build_interpreter
@@ -239,17 +239,17 @@ def test_comparison_verdicts():
 
 def test_defense_names_all_and_errors():
     t = Target(interpreters=["grad", "cam"], defenses=["all"])
-    _validate_target(t)
+    validate_target(t)
     assert t.defenses == ["squeeze", "ensemble", "ensemble-norm", "stability", "learned", "smooth", "beta", "rtsa"]
     one = Target(interpreters=["cam"], defenses=["all"])
-    _validate_target(one)
+    validate_target(one)
     assert "ensemble" not in one.defenses and "ensemble-norm" not in one.defenses and "stability" in one.defenses
     with pytest.raises(AuditError, match="unknown defenses"):
-        _validate_target(Target(defenses=["moat"]))
+        validate_target(Target(defenses=["moat"]))
     with pytest.raises(AuditError, match="ensemble-norm defense needs at least two"):
-        _validate_target(Target(interpreters=["cam"], defenses=["ensemble-norm"]))
+        validate_target(Target(interpreters=["cam"], defenses=["ensemble-norm"]))
     with pytest.raises(AuditError, match="smooth_sigma"):
-        _validate_target(Target(defenses=["smooth"], smooth_sigma=0.0))
+        validate_target(Target(defenses=["smooth"], smooth_sigma=0.0))
 
 
 ALL_CONFIG = """
@@ -318,11 +318,11 @@ def test_docs_pages_are_generated_from_the_records():
 
 def test_map_defenses_of_a_deployment(fmnist_resnet):
     """rtsa stands in for RTS where an RTS^A checkpoint exists; beta only for GRAD; smoothing wraps each."""
-    from underfire.audit.runner import build_deployment
+    from underfire.audit.deployment import build_deployment
 
     t = Target("fmnist_resnet", interpreters=["grad", "rts"], n=2, defenses=["smooth", "beta", "rtsa"],
                calibration_n=8)
-    _validate_target(t)
+    validate_target(t)
     dep = build_deployment(t, 0, torch.device("cpu"))
     assert {d: {n: it.name for n, it in m.items()} for d, m in dep.defended.items()} == {
         "smooth": {"grad": "smooth:grad", "rts": "smooth:rts"}, "beta": {"grad": "beta:grad"}, "rtsa": {"rts": "rtsa"}}
@@ -342,10 +342,10 @@ def test_one_interpreter_drops_the_presets_ensemble_with_a_note(capsys):
     assert t.defenses == ["squeeze", "smooth", "smooth+squeeze"] and t.adaptive_interpreters == ["grad"]
     assert "dropped" not in capsys.readouterr().err
     t = Target(interpreters=["gradcam"])
-    _validate_target(t)
+    validate_target(t)
     assert t.defenses == ["squeeze"]
     t = Target(interpreters=["grad", "cam"])
-    _validate_target(t)
+    validate_target(t)
     assert t.defenses == ["squeeze", "ensemble"]
 
 
@@ -431,7 +431,7 @@ def test_undefended_spoofability_counts_every_attack_on_the_undefended_map():
     import copy
     from pathlib import Path
 
-    from underfire.audit.runner import reaggregate
+    from underfire.audit.aggregate import reaggregate
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "defenses_fmnist_resnet_report.json"
     saved = json.loads(path.read_text())
@@ -467,7 +467,7 @@ def test_a_comparison_merged_from_several_records():
     assert {"squeeze", "smooth", "smooth+squeeze", "ensemble-norm", "stability", "learned", "beta"} <= set(rows)
     # the lowest of the merged rows, from the first record; both records ran one attack per row (quick): not credited
     assert "lowest measured: smooth+squeeze" in grad and "no defense is credited" in grad
-    from underfire.audit.runner import spoofed_inputs
+    from underfire.audit.aggregate import spoofed_inputs
 
     cam = [json.loads((d.RESULTS / f).read_text())["targets"]["fmnist_resnet@fashion-mnist"] for f in (a, b)]
     per = [spoofed_inputs(t["records"]["interpreters"]["cam"], t["summary"]["interpreters"]["cam"]["tau"]) for t in cam]
@@ -485,7 +485,8 @@ def test_a_map_defense_combined_with_a_detector(tmp_path):
     """smooth+squeeze: the smoothed map's EOT attack carries the squeezing hinge, a spoof must be within the
     smoothed map's τ AND undetected (recounted here from the per-sample records), its cost adds both parts, its
     held-out FPR is the detector's; combinations that are not <map>+<detector> are refused by name."""
-    from underfire.audit.runner import AuditConfig, run_audit
+    from underfire.audit.config import AuditConfig
+    from underfire.audit.runner import run_audit
 
     t = Target("fmnist_resnet", interpreters=["grad"], n=4, attacks=["pgd", "adv2", "adaptive"],
                defenses=["smooth+squeeze"], shorten=50, calibration_n=32, smooth_samples=2)
@@ -505,4 +506,4 @@ def test_a_map_defense_combined_with_a_detector(tmp_path):
     assert row["applies"] and row["fpr_heldout"] == info["fpr_heldout"]
     for bad in ("squeeze+smooth", "smooth+ensemble", "smooth+nope", "smooth+squeeze+stability"):
         with pytest.raises(AuditError, match="combined defense|unknown defenses"):
-            _validate_target(Target("fmnist_resnet", interpreters=["grad", "cam"], defenses=[bad]))
+            validate_target(Target("fmnist_resnet", interpreters=["grad", "cam"], defenses=[bad]))

@@ -222,7 +222,9 @@ def test_audit_of_an_adapter_is_a_transfer_result_judged_by_the_real_map(tmp_pat
     map, says so, counts the real map's reads as queries, and reports a lower bound (not refused, not
     reported safe for lack of a gradient). An adapter without a twin (captum's FeatureAblation) is attacked by
     queries only, and left out of the detectors an adaptive attack must optimise through."""
-    from underfire.audit.runner import AuditConfig, AuditRefused, Target, build_deployment, run_audit
+    from underfire.audit.config import AuditConfig, AuditRefused, Target
+    from underfire.audit.deployment import build_deployment
+    from underfire.audit.runner import run_audit
 
     cfg = AuditConfig(name="t", batch_size=4, bootstrap=20, examples=0, targets=[
         Target("fmnist_resnet", interpreters=["gradcam:GradCAM"], n=4, attacks=["pgd", "adv2"], defenses=[],
@@ -275,7 +277,8 @@ def bad_value():
 
 
 def test_an_entry_point_hands_over_its_own_interpreters(tmp_path, monkeypatch):
-    from underfire.audit.runner import Target, _validate_target, build_deployment
+    from underfire.audit.config import Target, validate_target
+    from underfire.audit.deployment import build_deployment
     from underfire.guard.interpreters.base import FunctionInterpreter
     from underfire.guard.models import ModelError, load_model
 
@@ -285,7 +288,7 @@ def test_an_entry_point_hands_over_its_own_interpreters(tmp_path, monkeypatch):
     assert set(model.provided_interpreters) == {"edges", "mycam"}
     t = Target("teammodels:build", interpreters=["edges", "mycam", "grad"], n=2, attacks=["pgd", "adv2"],
                defenses=[])
-    _validate_target(t)
+    validate_target(t)
     dep = build_deployment(t, 0, torch.device("cpu"))  # the pre-flight finds a gradient through `edges`
     edges = dep.interpreters["edges"]
     assert isinstance(edges, FunctionInterpreter) and edges.native_size((28, 28)) == (7, 7)
@@ -294,7 +297,8 @@ def test_an_entry_point_hands_over_its_own_interpreters(tmp_path, monkeypatch):
     (g,) = torch.autograd.grad(edges(xg).saliency.sum(), xg)
     assert float(g.abs().sum()) > 0
     # end to end: the audit attacks the team's map through the one loop and reports it by its name
-    from underfire.audit.runner import AuditConfig, run_audit
+    from underfire.audit.config import AuditConfig
+    from underfire.audit.runner import run_audit
 
     rep = run_audit(AuditConfig(name="ep", batch_size=2, bootstrap=10, examples=0, targets=[
         Target("teammodels:build", interpreters=["edges"], n=2, attacks=["pgd", "adv2"], defenses=[], shorten=50)]),
@@ -339,7 +343,9 @@ def test_sampled_views_estimate_the_whole_map():
 def test_an_audit_attacks_the_sampled_view_and_judges_the_deployed_map(tmp_path, monkeypatch):
     """attack_samples: ADV²'s differentiable calls go to the sampled view (2 path points), every judgement and
     the record to the deployed 8-point IG; the report says so. An interpreter without samples is untouched."""
-    from underfire.audit.runner import AuditConfig, AuditError, Target, build_deployment, run_audit
+    from underfire.audit.config import AuditConfig, AuditError, Target
+    from underfire.audit.deployment import build_deployment
+    from underfire.audit.runner import run_audit
     from underfire.guard.interpreters.gradients import IntegratedGradients
 
     seen = []

@@ -82,7 +82,7 @@ def test_bad_config_values_one_line_before_loading(toml, needle, tmp_path):
     ({"compile": "yes"}, "compile must be a boolean"),
 ])
 def test_more_bad_settings(raw, needle):
-    from underfire.audit.runner import AuditConfig, AuditError
+    from underfire.audit.config import AuditConfig, AuditError
 
     with pytest.raises(AuditError) as err:
         AuditConfig.from_dict(raw).validate()
@@ -147,7 +147,9 @@ def test_rates_carry_exact_intervals():
 def test_noise_level_fixes_the_benign_class():
     """τ's noisy maps are taken for the benign class: an interpreter whose map depends only on the class it
     explains shows zero map noise even when the noise flips every prediction."""
-    from underfire.audit.runner import Deployment, Target, _noise_l1
+    from underfire.audit.config import Target
+    from underfire.audit.deployment import Deployment
+    from underfire.audit.plan import noise_l1
     from underfire.guard.interpreters.base import Explanation
 
     class ClassMap:
@@ -159,13 +161,13 @@ def test_noise_level_fixes_the_benign_class():
     x, y = torch.rand(6, 1, 28, 28), torch.arange(6)
     dep = Deployment(None, {"m": ClassMap()}, 8 / 255, x, y, y, None, None, [])
     bms = {"m": (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, 7, 7)}
-    d = _noise_l1(Target(noise_draws=3), dep, slice(0, 6), 0, bms)["m"]
+    d = noise_l1(Target(noise_draws=3), dep, slice(0, 6), 0, bms)["m"]
     assert len(d) == 6 and all(len(row) == 3 for row in d)
     assert max(max(row) for row in d) == 0.0
 
 
 def test_noise_level_pools_draws_and_reports_its_stability():
-    from underfire.audit.runner import noise_level
+    from underfire.audit.aggregate import noise_level
 
     per = [[0.1 * i + 0.01 * j for j in range(4)] for i in range(10)]
     nl = noise_level(per, 200, 0)
@@ -176,7 +178,7 @@ def test_noise_level_pools_draws_and_reports_its_stability():
 
 
 def test_headline_is_inconclusive_when_a_target_is_or_nothing_was_measured():
-    from underfire.audit.runner import headline
+    from underfire.audit.aggregate import headline
 
     def tg(k, reasons):
         return {"summary": {"interpreters": {"cam": {"spoofability": rate(k, 8)}}}, "status": {"reasons": reasons}}

@@ -41,7 +41,7 @@ def test_a_map_whose_gradient_is_not_its_derivative_is_a_lower_bound(tmp_path):
     """A detached map plus a tiny term in x has a non-zero gradient; the directional-derivative check finds that
     it does not predict the map, so the row is a lower bound and a gate cannot pass on it. The honest version of
     the same map (CAM in plain torch) passes the check."""
-    from underfire.audit.runner import gradient_agreement
+    from underfire.audit.checks import gradient_agreement
     from underfire.guard.interpreters.base import FunctionInterpreter
     from tests.helpers import detached_map_model, honest_map_model
     from underfire.training.data import fashion_mnist
@@ -71,7 +71,7 @@ def test_random_weights_pass_no_gate_even_when_the_attacks_work(tmp_path):
 
 def test_random_weights_are_named_in_the_headline():
     from underfire.audit.metrics import rate
-    from underfire.audit.runner import headline
+    from underfire.audit.aggregate import headline
 
     def tg(weights):
         return {"target": {"weights": weights}, "status": {"reasons": []},
@@ -210,7 +210,7 @@ def test_bad_settings_are_named_before_loading(args, needle, tmp_path):
 
 
 def test_labels_map_to_unique_contained_journal_folders():
-    from underfire.audit.runner import AuditConfig, AuditError, journal_folder
+    from underfire.audit.config import AuditConfig, AuditError, journal_folder
 
     assert journal_folder("..") not in ("..", ".") and "/" not in journal_folder("a/../b")
     assert not journal_folder(".hidden").startswith(".")
@@ -258,7 +258,8 @@ def test_a_pickled_module_as_model_says_what_it_is(tmp_path):
 
 # -- the journal: fingerprinted data, digests, damage -------------------------------------------------------
 def test_journal_digest_redoes_an_edited_batch_and_refuses_an_unchecked_one(tmp_path):
-    from underfire.audit.runner import AuditError, Journal
+    from underfire.audit.config import AuditError
+    from underfire.audit.journal import Journal
 
     fp = {"model": "m", "data": "d", "calibration": "c", "config": {}}
     j = Journal(tmp_path, "t", fp)
@@ -308,6 +309,7 @@ def test_resume_redoes_edited_batches_and_refuses_changed_or_damaged_journals(tm
 def test_every_library_error_is_an_underfire_error_and_a_bug_is_not_bad_input(tmp_path, monkeypatch):
     """Errors raised on purpose share one root and print as one 'Error:' line; any other exception inside a
     command (here a bare ValueError from deep in the run) is an internal error, exit 70, never 'bad input'."""
+    import underfire.audit.config as config
     import underfire.audit.runner as runner
     from underfire.attacks.threats import AttackError
     from underfire.audit.report import ReportError
@@ -319,9 +321,9 @@ def test_every_library_error_is_an_underfire_error_and_a_bug_is_not_bad_input(tm
     from underfire.training.loop import LaunchError
 
     for cls in (AttackError, ReportError, DetectorError, InterpreterError, ModelError, DataError, LaunchError,
-                runner.AuditError, runner.AuditRefused):
+                config.AuditError, config.AuditRefused):
         assert issubclass(cls, UnderfireError), cls
-    assert runner.AuditRefused.exit_code == 4
+    assert config.AuditRefused.exit_code == 4
 
     def broken(*a, **k):
         raise ValueError("shapes do not line up")

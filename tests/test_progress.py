@@ -7,7 +7,8 @@ import io
 import re
 
 from underfire.audit.progress import Progress
-from underfire.audit.runner import AuditConfig, Target, run_audit
+from underfire.audit.config import AuditConfig, Target
+from underfire.audit.runner import run_audit
 
 
 class _Terminal(io.StringIO):

@@ -87,7 +87,9 @@ def test_a_short_attack_is_found_out_by_the_ensemble(tmp_path: Path):
     """A deliberately tiny schedule (÷80) leaves undefended GRAD looking hard to spoof under the quick attack;
     the standard ensemble (longer schedules, other steps) finds far more, and marks that row NOT CONVERGED
     (its ×4 member still gains); the quick run credits nothing."""
-    from underfire.audit.runner import AuditConfig, Target, headline, run_audit
+    from underfire.audit.aggregate import headline
+    from underfire.audit.config import AuditConfig, Target
+    from underfire.audit.runner import run_audit
 
     out = {}
     for strength in ("quick", "standard"):
