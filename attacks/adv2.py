@@ -18,7 +18,8 @@ import torch
 from underfire.attacks.objectives import cw_margin, l2sq, ramp, stepwise
 from underfire.attacks.pgd import Attack, Stage
 from underfire.attacks.threats import AttackError, LinfBall
-from underfire.guard.interpreters.base import Explanation
+from underfire.guard.interpreters.base import Explanation, Interpreter
+from underfire.guard.registry import traits_of
 
 STEP = 1 / 255
 
@@ -41,21 +42,18 @@ PAPER = {
     "cam": (400, 1200, lambda n: ramp(5.0, 10.0, n), "nll", "mse", {}),
     "rts": (300, 1000, lambda n: ramp(5.0, 10.0, n), "nll", "mse", {}),
 }
-PAPER["rtsa"] = PAPER["rts"]  # RTS^A is attacked like RTS
-# The deployed interpreters beyond the paper: Grad-CAM maps are blobs at a conv layer's resolution like CAM's,
-# Input×Gradient and IG are input-gradient maps like GRAD's (pooled the same way): each takes that preset.
-# Occlusion's map is pooled like GRAD's too; GRAD's preset measured better than CAM's on it (fmnist_resnet,
-# 8 test images, ε = 24/255, short ÷8: L1 ratio to PGD 0.32 vs 0.34, in 60% of the time).
-PAPER["gradcam"] = PAPER["gradcampp"] = PAPER["cam"]
-PAPER["inputxgrad"] = PAPER["ig"] = PAPER["smoothgrad"] = PAPER["occlusion"] = PAPER["grad"]
+# Every other interpreter names one of these rows as its ``preset`` where it is registered (its traits,
+# guard/interpreters/base.py): Grad-CAM maps are blobs at a conv layer's resolution like CAM's; Input×Gradient,
+# IG, SmoothGrad and Occlusion are pooled like GRAD's (on Occlusion GRAD's preset measured better than CAM's:
+# fmnist_resnet, 8 test images, ε = 24/255, short ÷8: L1 ratio to PGD 0.32 vs 0.34, in 60% of the time).
 
 
 class Adv2(Attack):
     """ADV²: stage 1 plain targeted PGD (warm start), stage 2 ℓ_prd + λ·ℓ_int with best-iterate selection.
 
     Args:
-        interpreter: registry name whose paper settings to use ("grad", "cam", "rts"; any other
-            differentiable interpreter, ensembles included, gets the CAM settings).
+        interpreter: the preset (a row of ``PAPER``: "grad", "cam", "rts"); :func:`make_adv2` takes it from an
+            interpreter's traits.
         eps: L∞ radius.
         schedule: "paper" or "short" (every stage ``shorten`` times shorter).
         lam_scale: multiplies the λ schedule (maps at other resolutions than the paper's need other λ).
@@ -74,7 +72,10 @@ class Adv2(Attack):
             raise AttackError(f"schedule must be 'paper' or 'short', not {schedule!r}")
         if joint_rule not in ("sign", "momentum", "adam"):
             raise AttackError(f"joint_rule must be 'sign', 'momentum' or 'adam', not {joint_rule!r}")
-        s1, s2, lam, pred, intl, extra = PAPER.get(interpreter, PAPER["cam"])
+        if interpreter not in PAPER:
+            raise AttackError(f"no ADV² preset {interpreter!r}: presets are {', '.join(PAPER)} (make_adv2 takes an "
+                              f"interpreter's preset from its traits)")
+        s1, s2, lam, pred, intl, extra = PAPER[interpreter]
         if steps is not None:
             s1, s2 = steps
         elif schedule == "short":
@@ -253,13 +254,14 @@ class MaskAdv2(Attack):
                 "line_search": {"s_max": self.s_max, "margin": self.margin} if self.search else None}
 
 
-def make_adv2(interpreter: str, eps: float = 8 / 255, schedule: str = "paper", **kw) -> Attack:
-    """The ADV² for an interpreter name: the bilevel MaskAdv2 for "mask", Adv2 with its preset otherwise
-    (``smooth:<name>`` takes the preset of ``<name>``; each of its calls draws new noise, so the attack's
-    gradient is an expectation over the smoothing noise: EOT; ``beta:grad`` that of GRAD, differentiating the
-    deployed softplus-β map itself)."""
-    interpreter = interpreter.removeprefix("smooth:").removeprefix("beta:")
-    if interpreter == "mask":
+def make_adv2(interpreter: str | Interpreter, eps: float = 8 / 255, schedule: str = "paper", **kw) -> Attack:
+    """The ADV² for an interpreter (a registry name or an Interpreter object): the preset its traits name —
+    the bilevel MaskAdv2 for "mask", Adv2 with that row of ``PAPER`` otherwise (``smooth:<name>`` takes the
+    preset of ``<name>``; each of its calls draws new noise, so the attack's gradient is an expectation over
+    the smoothing noise: EOT; ``beta:grad`` that of GRAD, differentiating the deployed softplus-β map itself;
+    a team's own map CAM's, see ``Interpreter.traits``)."""
+    preset = traits_of(interpreter).preset
+    if preset == "mask":
         kw["lam"] = kw.get("lam", 1.0) * kw.pop("lam_scale", 1.0)
         return MaskAdv2(eps, schedule=schedule, **kw)
-    return Adv2(interpreter, eps, schedule=schedule, **kw)
+    return Adv2(preset, eps, schedule=schedule, **kw)

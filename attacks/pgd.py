@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from underfire.attacks.objectives import INT_LOSSES, PRED_LOSSES, Schedule, constant
-from underfire.attacks.threats import AttackError, LinfBall
+from underfire.attacks.threats import AttackError
 from underfire.guard.interpreters.base import Explanation, Interpreter, trusted_inputs
 
 log = logging.getLogger(__name__)

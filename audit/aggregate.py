@@ -52,7 +52,7 @@ def noise_level(per_input: list[list[float]], n_boot: int, seed: int) -> dict:
 
 
 def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors: dict | None = None,
-              defenses: list[str] | None = None, fpr: float = 0.05, smooth_samples: int = 8) -> dict:
+              defenses: list[str] | None = None, fpr: float = 0.05, target: dict | None = None) -> dict:
     """Per interpreter and attack: ASR, MC, L1/IoU over successes, detection rates; spoofability, undefended
     and under each defense's adaptive attack, and the defense comparison (:func:`audit.defenses.compare`).
 
@@ -117,11 +117,11 @@ def aggregate(records: dict, decisions: dict, n_boot: int, seed: int, detectors:
                 a_int[f"spoofability_{d}"] = rate(sum(close), len(ok))
                 a_int.setdefault("defense_info", {})[d] = {
                     "asr": row["asr"], "tau": noise_d["tau"], "tau_estimate": noise_d, "convergence": row.get("convergence"),
-                    "fidelity_l1": _ci(rec["fidelity_l1"], n_boot, seed), "cost": map_cost(m, smooth_samples)}
+                    "fidelity_l1": _ci(rec["fidelity_l1"], n_boot, seed), "cost": map_cost(m, target or {})}
                 if det:
                     info = detectors.get(det, {})
                     a_int["defense_info"][d].update(
-                        cost=combined_cost(map_cost(m, smooth_samples), info.get("cost")),
+                        cost=combined_cost(map_cost(m, target or {}), info.get("cost")),
                         **_detector_stats(info, rec, det, succ))
                 if "certified" in rec:
                     c = torch.tensor(rec["certified"], dtype=torch.float64)
@@ -246,7 +246,7 @@ def reaggregate(report: dict) -> dict:
         summary = aggregate(tg["records"], {d: v["decision"] for d, v in dets.items()}, cfg["bootstrap"],
                             cfg["seed"], {d: detector_info(v["calibration"], v["decision"], v.get("cost"))
                                           for d, v in dets.items()},
-                            t.get("defenses") or [], cfg["fpr"], t.get("smooth_samples", 8))
+                            t.get("defenses") or [], cfg["fpr"], t)
         for name, a in summary["interpreters"].items():
             if lb := tg["summary"]["interpreters"].get(name, {}).get("lower_bound"):
                 a["lower_bound"] = lb

@@ -18,7 +18,7 @@ from underfire.audit.config import (
     ensemble_names,
     strong_rows,
 )
-from underfire.audit.defenses import DETECTORS, parts
+from underfire.audit.defenses import DETECTORS, TABLE, parts
 from underfire.audit.deployment import Deployment
 from underfire.audit.metrics import l1
 from underfire.audit.plan import (
@@ -96,7 +96,7 @@ def attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, k
             out["interpreters"][name]["blackbox"] = rec
         if "adaptive" in t.attacks and name in adaptive_names(t):
             for d in t.defenses:
-                if d in DETECTORS and d != "ensemble":  # the ensemble's attack goes through all members, below
+                if d in DETECTORS and not TABLE[d].joint:  # a joint detector's attack covers all members, below
                     progress(f"adaptive ADV²-{name.upper()} vs {d}")
                     if strong_rows(t):
                         r = strongest_attack(t, dep, f"adaptive ADV²-{name.upper()} vs {d}", name, it, x, y_t, bms[name],
@@ -114,8 +114,7 @@ def attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, k
         if len(members) >= 2:
             ens = InterpreterEnsemble(members)
             progress(f"adaptive ADV² vs the ensemble ({ens.name})")
-            a = adaptive(adv2_attack(t, dep, "ensemble", lam_scale=ADAPTIVE_LAM),
-                         dets["ensemble"])
+            a = adaptive(adv2_attack(t, dep, ens, lam_scale=ADAPTIVE_LAM), dets["ensemble"])
             xe = a(ens, x, y_t, benign_maps(ens, x), progress=step_bar(progress)).x_adv
             flags = detect(dets, xe)
             for name, it in dep.interpreters.items():
@@ -148,7 +147,7 @@ def _map_defense(t: Target, dep: Deployment, d: str, name: str, sl: slice, seed:
                       judged, det, keep, progress, ADAPTIVE_LAM if det else 1.0).record
         rec["noise_l1"] = dep.noise[f"{d}/{name}"][sl]
     else:
-        atk = adaptive(adv2_attack(t, dep, it.name, lam_scale=ADAPTIVE_LAM), dets[det]) if det else adv2_attack(t, dep, it.name)
+        atk = adaptive(adv2_attack(t, dep, it, lam_scale=ADAPTIVE_LAM), dets[det]) if det else adv2_attack(t, dep, it)
         r = atk(it, x, y_t, bm)
         rec = record(it, r.x_adv, y_t, bm, judged, keep)
         rec["noise_l1"] = noise_l1(t, dep, sl, seed, {it.name: bm}, {it.name: it})[it.name]

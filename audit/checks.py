@@ -15,7 +15,7 @@ from underfire.audit.config import (
     ensemble_names,
     stability_names,
 )
-from underfire.audit.defenses import NEEDS_TWO, parts
+from underfire.audit.defenses import NEEDS_TWO, TABLE, parts
 
 
 def _looks_like_probabilities(z: torch.Tensor) -> bool:
@@ -79,10 +79,10 @@ def _gradient_names(t: Target) -> set[str]:
         names.add("cam")
     if "adaptive" in t.attacks and t.defenses:
         names |= set(adaptive_names(t))
-        detectors = {parts(d)[1] for d in t.defenses}
-        if {"ensemble", "ensemble-norm", "learned"} & detectors:
+        reads = {g for d in t.defenses if parts(d)[1] in TABLE for g in TABLE[parts(d)[1]].reads}
+        if "ensemble" in reads:
             names |= set(ensemble_names(t))
-        if {"stability", "learned"} & detectors:
+        if "stability" in reads:
             names |= set(stability_names(t))
     return names
 
@@ -102,8 +102,8 @@ def preflight(t: Target, model, interps: dict, x: torch.Tensor, y: torch.Tensor,
                            f"non-differentiable preprocessing): PGD and ADV² cannot attack it, and an audit would "
                            f"report it safe. Audit the differentiable model behind the preprocessing")
     for name, it in interps.items():
-        if name == "mask" or name in opaque:
-            continue  # MASK's gradient flows through its unrolled inner steps; checked by the test suite
+        if it.traits.iterative or name in opaque:
+            continue  # an iterative map's (MASK's) gradient flows through its unrolled inner steps: tested
         xg = x[:2].clone().requires_grad_(True)
         e = it(xg)
         g = None

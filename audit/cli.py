@@ -155,7 +155,7 @@ def predict(images: tuple[Path, ...], model_name: str, weights: str | None, top:
 def explain(images, model_name, names, count, mask_steps, out) -> None:
     """Write PNG overlays of each interpreter's map on IMAGES (default: bundled photos or Fashion-MNIST)."""
     from underfire.audit.report import overlay_grid
-    from underfire.guard.interpreters import build_interpreter
+    from underfire.guard.registry import build_interpreter, traits_of
     from underfire.training.data import fashion_mnist, load_images, photos, stack
 
     model = load_model(model_name)
@@ -169,8 +169,8 @@ def explain(images, model_name, names, count, mask_steps, out) -> None:
         x, labels = photos(size=h)
     maps = {}
     for name in [n.strip() for n in names.split(",") if n.strip()]:
-        kwargs = {"steps": mask_steps} if name == "mask" else {}
-        try:
+        try:  # an iterative interpreter (MASK) takes its solver's step count
+            kwargs = {"steps": mask_steps} if traits_of(name).iterative else {}
             interp = build_interpreter(name, model, **kwargs)
         except InterpreterError as exc:
             click.echo(f"skipping {name}: {exc}", err=True)
@@ -331,7 +331,7 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
 
     from underfire.audit.defenses import NEEDS_TWO
     from underfire.audit.presets import preset
-    from underfire.audit.config import AuditConfig, AuditError, Target
+    from underfire.audit.config import AuditConfig, AuditError, Target, ensemble_names
 
     if config is not None:
         try:
@@ -356,8 +356,7 @@ def resolve_config(config: Path | None, preset_name: str | None, flags: dict):
             for k in ("adv2_interpreters", "adaptive_interpreters", "ensemble_members", "stability_members"):
                 if isinstance(getattr(t, k), list):
                     setattr(t, k, [n for n in getattr(t, k) if n in t.interpreters])
-            members = t.ensemble_members if t.ensemble_members is not None else [n for n in t.interpreters if n != "mask"]
-            if "defenses" not in tflags and t.defenses and len(members) < 2:  # a preset's ensemble cannot apply
+            if "defenses" not in tflags and t.defenses and len(ensemble_names(t)) < 2:  # a preset's ensemble cannot apply
                 dropped = [d for d in t.defenses if d.rpartition("+")[2] in NEEDS_TWO]  # alone or combined
                 if dropped:
                     t.defenses = [d for d in t.defenses if d not in dropped]

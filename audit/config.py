@@ -19,7 +19,8 @@ from underfire.attacks.pgd import PRECISIONS
 from underfire.attacks.strength import STRENGTHS
 from underfire.audit.defenses import DEFENSES, NEEDS_TWO, combo, parts
 from underfire.guard.errors import UnderfireError
-from underfire.guard.interpreters.base import InterpreterError, check_name
+from underfire.guard.interpreters.base import InterpreterError, Traits
+from underfire.guard.registry import check_name, traits_of
 
 ATTACKS = ("pgd", "adv2", "stadv2", "adaptive", "blackbox")
 
@@ -257,7 +258,8 @@ def validate_target(t: Target) -> None:
         raise AuditError("'other' target maps need labelled data (fashion-mnist or an ImageFolder)")
     if t.schedule not in ("paper", "short"):
         raise AuditError(f"schedule must be 'paper' or 'short', not {t.schedule!r}")
-    for kind in {"mask" if n == "mask" else "grad" for n in adv2_names(t)} if t.adv2_options else ():
+    presets = {tr.preset if (tr := name_traits(n)) else "cam" for n in adv2_names(t)}
+    for kind in {"mask" if p == "mask" else "grad" for p in presets} if t.adv2_options else ():
         try:  # constructing an attack is cheap and names a bad option the way the attack's signature does
             make_adv2(kind, 8 / 255, t.schedule, shorten=t.shorten, **t.adv2_options)
         except (TypeError, ValueError) as exc:
@@ -345,26 +347,36 @@ def adv2_names(t: Target) -> list[str]:
     return list(t.interpreters) if t.adv2_interpreters is None else list(t.adv2_interpreters)
 
 
+def name_traits(name: str) -> Traits | None:
+    """The traits of a registry name; None for a name only an entry point knows (a team's own map, a one-pass
+    map unless its object says otherwise once loaded)."""
+    try:
+        return traits_of(name)
+    except InterpreterError:
+        return None
+
+
+def _one_pass(names: list[str]) -> list[str]:
+    """All but the iterative interpreters (MASK): those are left out of the defaults for time — a detector
+    solves them (300 optimisation steps) for every calibration and judged input, and the adaptive attacker
+    tracks them at every step (with MASK the table9 run takes 38 min instead of 11 on one CPU core; README,
+    ensembles); named explicitly, they take part."""
+    return [n for n in names if not ((tr := name_traits(n)) and tr.iterative)]
+
+
 def ensemble_names(t: Target) -> list[str]:
-    """Members of the disagreement detector. MASK is left out by default for time: the detector solves it
-    (300 optimisation steps) for every calibration and judged input, and the adaptive attacker tracks it at
-    every step (with MASK the table9 run takes 38 min instead of 11 on one CPU core; README, ensembles)."""
-    if t.ensemble_members is not None:
-        return list(t.ensemble_members)
-    return [n for n in t.interpreters if n != "mask"]
+    """Members of the disagreement detector: every one-pass interpreter unless named."""
+    return list(t.ensemble_members) if t.ensemble_members is not None else _one_pass(t.interpreters)
 
 
 def stability_names(t: Target) -> list[str]:
-    """Members of the stability detector: like the ensemble's, all interpreters but MASK unless named."""
-    if t.stability_members is not None:
-        return list(t.stability_members)
-    return [n for n in t.interpreters if n != "mask"]
+    """Members of the stability detector: like the ensemble's."""
+    return list(t.stability_members) if t.stability_members is not None else _one_pass(t.interpreters)
 
 
 def adaptive_names(t: Target) -> list[str]:
-    if t.adaptive_interpreters is not None:
-        return list(t.adaptive_interpreters)
-    return [n for n in t.interpreters if n != "mask"]
+    """Interpreters the adaptive attacks (and map defenses) cover: every one-pass interpreter unless named."""
+    return list(t.adaptive_interpreters) if t.adaptive_interpreters is not None else _one_pass(t.interpreters)
 
 
 def journal_folder(key: str) -> str:

@@ -22,23 +22,109 @@ None of them changes the classifier: clean accuracy is unchanged by construction
 
 from __future__ import annotations
 
-DETECTORS = ("squeeze", "ensemble", "ensemble-norm", "stability", "learned")
-MAPS = ("smooth", "beta", "rtsa")
+from dataclasses import dataclass
+from typing import Callable
+
+from underfire.guard.ensemble import DisagreementDetector, NormalisedDisagreementDetector
+from underfire.guard.interpreters.base import Traits
+from underfire.guard.learned import LearnedDetector
+from underfire.guard.squeeze import SqueezeDetector
+from underfire.guard.stability import StabilityDetector
+
+# the learned detector's squeezing part keeps the torch squeezers: OpenCV's non-local means runs per image on the
+# CPU and would dominate every step of its adaptive attack (it is in the squeeze defense itself)
+TORCH_SQUEEZERS = ("bits-2", "bits-3", "median-2", "median-3")
+
+
+@dataclass(frozen=True)
+class Defense:
+    """One defense an audit can deploy. ``TABLE`` is the registry: the config's checks, the CLI's help, the
+    runner, the report's labels and the docs read it; adding a defense is one module (in guard/) and one row.
+
+    kind: "detector" (flags inputs; its adaptive attack carries its hinge) or "map" (replaces the deployed map;
+        ADV² attacks the replaced map).
+    label: the report's name of its rows: "ADV²* vs <label>" (detectors), "ADV²* on <label> map" (maps).
+    about: one line for help texts and docs.
+    build: detectors: ``(model, members, stability_members) -> Detector`` (members: the interpreters it reads).
+    defended: maps: ``(name, traits) -> registry name`` deployed in place of interpreter ``name``, or None
+        where it does not apply (traits None: a team's own map).
+    settings: maps: the defended interpreter's constructor keywords from the audit target's settings (a dict).
+    maps: maps: interpreter maps per explanation, from the target's settings (in place of the one plain map).
+    needs_two: it compares interpreters (at least two members).
+    joint: its adaptive attack optimises every member's map at once (one row shared by all interpreters, not
+        this interpreter's own map; not combinable with a map defense).
+    reads: the member groups a detector reads (its adaptive attack differentiates through them, so the
+        pre-flight checks their gradients): "ensemble" (ensemble_members), "stability" (stability_members).
+    """
+
+    name: str
+    kind: str
+    label: str
+    about: str
+    build: Callable | None = None
+    defended: Callable[[str, Traits | None], str | None] | None = None
+    settings: Callable = lambda t: {}
+    maps: Callable = lambda t: 1
+    needs_two: bool = False
+    joint: bool = False
+    reads: tuple[str, ...] = ()
+
+
+def _learned(model, members, stability_members):
+    parts = [SqueezeDetector(model, TORCH_SQUEEZERS)]
+    if len(members) >= 2:
+        parts.append(NormalisedDisagreementDetector(members))
+    parts.append(StabilityDetector(stability_members))
+    return LearnedDetector(parts)
+
+
+def _variant(defense: str):
+    """A map defense that deploys an interpreter's registered variant (``Traits.variants``)."""
+    return lambda name, traits: traits.variant(defense) if traits else None
+
+
+TABLE = {d.name: d for d in (
+    Defense("squeeze", "detector", "squeezing", "feature squeezing: the prediction moves under bit-depth "
+            "reduction and filters", build=lambda model, members, stab: SqueezeDetector(model)),
+    Defense("ensemble", "detector", "ensemble", "interpreter disagreement (mean 1 − Pearson r), attacked through "
+            "the whole ensemble", build=lambda model, members, stab: DisagreementDetector(members),
+            needs_two=True, joint=True, reads=("ensemble",)),
+    Defense("ensemble-norm", "detector", "ensemble-norm", "disagreement relative to each member pair's benign "
+            "level", build=lambda model, members, stab: NormalisedDisagreementDetector(members), needs_two=True,
+            reads=("ensemble",)),
+    Defense("stability", "detector", "stability", "how far each member's map moves under noise, a one-pixel "
+            "shift and a median filter", build=lambda model, members, stab: StabilityDetector(stab), reads=("stability",)),
+    Defense("learned", "detector", "learned", "a logistic regression (scikit-learn) over the other detectors' "
+            "scores, trained on benign vs PGD / ADV² examples of calibration images", build=_learned,
+            reads=("ensemble", "stability")),
+    Defense("smooth", "map", "smoothed", "randomized smoothing of the map (σ, noisy copies; EOT attack)",
+            defended=lambda name, traits: (f"smooth:{name}" if traits and not traits.iterative and ":" not in name
+                                           else None),
+            settings=lambda t: {"sigma": t["smooth_sigma"], "samples": t["smooth_samples"]},
+            maps=lambda t: t.get("smooth_samples", 8)),
+    Defense("beta", "map", "β-smoothed", "softplus-β in place of ReLU in a gradient map's backward pass",
+            defended=_variant("beta"), settings=lambda t: {"beta": t["beta"]}),
+    Defense("rtsa", "map", "RTS^A", "RTS^A in place of RTS (an adversarially trained RTS; bundled for the "
+            "Fashion-MNIST nets)", defended=_variant("rtsa")),
+)}
+DETECTORS = tuple(n for n, d in TABLE.items() if d.kind == "detector")
+MAPS = tuple(n for n, d in TABLE.items() if d.kind == "map")
 DEFENSES = DETECTORS + MAPS
-NEEDS_TWO = ("ensemble", "ensemble-norm")  # need two interpreters to compare
+NEEDS_TWO = tuple(n for n, d in TABLE.items() if d.needs_two)
 
 
 def combo(defense: str) -> tuple[str, str] | None:
     """``"smooth+squeeze"`` → ("smooth", "squeeze"): a map defense deployed together with a detector. Its
     adaptive attack is the map defense's (EOT for smoothing) with the detector's hinge added, and a spoof must
     also go undetected. None for a single defense; ValueError for a combination that is not one map defense
-    and one detector (the ensemble detector's attack optimises the ensemble's map, not this one: excluded)."""
+    and one detector (a joint detector's attack optimises the ensemble's map, not this one: excluded)."""
     if "+" not in defense:
         return None
     m, _, d = defense.partition("+")
-    if m not in MAPS or d not in DETECTORS or d == "ensemble":
+    combinable = [x for x in DETECTORS if not TABLE[x].joint]
+    if m not in MAPS or d not in combinable:
         raise ValueError(f"{defense!r}: a combined defense is <map defense>+<detector>, map one of "
-                         f"{', '.join(MAPS)}, detector one of {', '.join(x for x in DETECTORS if x != 'ensemble')}")
+                         f"{', '.join(MAPS)}, detector one of {', '.join(combinable)}")
     return m, d
 
 
@@ -51,36 +137,53 @@ def parts(defense: str) -> tuple[str | None, str | None]:
 
 
 def map_defense_name(defense: str, interpreter: str) -> str | None:
-    """The registry name of ``interpreter`` under a map defense (``smooth:cam``), or None when it does not apply."""
-    if ":" in interpreter or interpreter == "mask":
-        return None  # already wrapped, or a multi-step solver (smoothing MASK costs 8 × 300 steps per map)
-    if defense == "smooth":
-        return f"smooth:{interpreter}"
-    if defense == "beta":
-        return "beta:grad" if interpreter == "grad" else None  # only a gradient map has a backward to smooth
-    if defense == "rtsa":
-        return "rtsa" if interpreter == "rts" else None
-    raise ValueError(defense)
+    """The registry name of ``interpreter`` under a map defense (``smooth:cam``), or None when it does not apply
+    (an iterative map such as MASK is never smoothed: 8 × 300 solver steps per map)."""
+    from underfire.guard.registry import traits_of
+    from underfire.guard.interpreters.base import InterpreterError
+
+    try:
+        traits = traits_of(interpreter)
+    except InterpreterError:  # a team's own map: no registered variant
+        traits = None
+    return TABLE[defense].defended(interpreter, traits)
 
 
 def detector_cost(det) -> dict:
     """Extra work per judged input: classifier forward passes and interpreter maps."""
-    kind = det.kind
-    if kind == "squeeze":
-        return {"forwards": 1 + len(det.squeezers), "maps": 0}
-    if kind in ("ensemble", "ensemble-norm"):
-        return {"forwards": 0, "maps": len(det.members)}
-    if kind == "stability":
-        return {"forwards": 0, "maps": len(det.members) * (1 + len(det.transforms))}
-    if kind == "learned":
-        parts = [detector_cost(p) for p in det.parts]
-        return {"forwards": sum(p["forwards"] for p in parts), "maps": sum(p["maps"] for p in parts)}
-    return {"forwards": None, "maps": None}
+    return det.cost()
 
 
-def map_cost(defense: str, samples: int) -> dict:
-    """A map defense's maps per explanation (in place of the one plain map)."""
-    return {"forwards": 0, "maps": samples if defense == "smooth" else 1}
+def map_cost(defense: str, target: dict) -> dict:
+    """A map defense's maps per explanation (in place of the one plain map); ``target``: the target's settings."""
+    return {"forwards": 0, "maps": TABLE[defense].maps(target)}
+
+
+def row_label(row: str) -> str:
+    """The report's name of an attack row of the records: ``adaptive-<detector>``, ``defense-<map>[+<detector>]``
+    or a plain attack (``ATTACK_ROWS``)."""
+    if row in ATTACK_ROWS:
+        return ATTACK_ROWS[row]
+    kind, _, defense = row.partition("-")
+    if kind == "adaptive" and defense in DETECTORS:
+        return f"ADV²* vs {TABLE[defense].label}"
+    if kind == "defense" and defense:
+        m, d = parts(defense) if "+" in defense else (defense, None)
+        if m in MAPS:
+            return f"ADV²* on {TABLE[m].label} map" + (f" + {d}" if d else "")
+    return row
+
+
+# The plain attack rows of a record, in the report's order (the adaptive and defense rows follow the table)
+ATTACK_ROWS = {"pgd": "PGD", "adv2": "ADV²", "blackbox": "ADV² by queries", "stadv2": "stAdv-ADV²",
+               "adv2-shapes": "ADV² → shape map†", "adv2-other": "ADV² → other-class map†"}
+
+
+def row_order() -> list[str]:
+    """Every row a record can hold, in the report's order: plain attacks, adaptive attacks per detector, map
+    defenses alone and combined."""
+    combos = [f"defense-{m}+{d}" for m in MAPS for d in DETECTORS if not TABLE[d].joint]
+    return [*ATTACK_ROWS, *(f"adaptive-{d}" for d in DETECTORS), *(f"defense-{m}" for m in MAPS), *combos]
 
 
 def combined_cost(*costs: dict | None) -> dict:
@@ -154,7 +257,7 @@ def compare(a: dict, defenses: list[str], fpr: float) -> dict:
     for d in defenses:
         info = a.get("defense_info", {}).get(d, {})
         row = {"defense": d, "spoofability": a.get(f"spoofability_{d}"), "asr": info.get("asr"),
-               "own_map": d != "ensemble",
+               "own_map": not (d in TABLE and TABLE[d].joint),
                "fpr_heldout": info.get("fpr_heldout"), "fpr_heldout_rate": info.get("fpr_heldout_rate"),
                "auc": info.get("auc"), "auc_plain": info.get("auc_plain"),
                "fidelity_l1": info.get("fidelity_l1"), "tau": info.get("tau"), "cost": info.get("cost"),

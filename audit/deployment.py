@@ -4,7 +4,7 @@ detectors, and the batch size that fits its device."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,9 +12,9 @@ from underfire.attacks.adv2 import PGD, make_adv2
 from underfire.attacks.targets import benign_maps, target_classes
 from underfire.audit.checks import check_faithful, check_outputs, check_trained, exclude_opaque, preflight
 from underfire.audit.config import AuditConfig, AuditError, Target, adaptive_names, adv2_names
-from underfire.audit.defenses import MAPS, map_defense_name, parts
+from underfire.audit.defenses import MAPS, TABLE, map_defense_name, parts
 from underfire.guard.adapters import Adapter, Opaque, Transfer, build_twin
-from underfire.guard.interpreters import build_interpreter
+from underfire.guard.registry import build_interpreter
 from underfire.guard.interpreters.base import InterpreterError
 from underfire.guard.models import load_model
 from underfire.training.data import (
@@ -179,7 +179,7 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     wanted = {parts(d)[0] for d in t.defenses}  # map defenses, alone or combined with a detector
     for d in MAPS if "adaptive" in t.attacks else ():
         if d in wanted:
-            kw = {"smooth": {"sigma": t.smooth_sigma, "samples": t.smooth_samples}, "beta": {"beta": t.beta}}.get(d, {})
+            kw = TABLE[d].settings(asdict(t))
             defended[d] = {}
             for n in adaptive_names(t):
                 if map_defense_name(d, n):
@@ -221,7 +221,8 @@ def auto_batch_size(t: Target, dep: Deployment, probe: int = 8) -> int:
     b0 = min(probe, n)
     x, y_t = dep.x[:b0], dep.y_t[:b0]
     worst = 0
-    probes = [("pgd", None)] + [(nm, make_adv2(nm, dep.eps, steps=(0, 1), check_every=1, **dep.attack_kw))
+    probes = [("pgd", None)] + [(nm, make_adv2(dep.interpreters[nm], dep.eps, steps=(0, 1), check_every=1,
+                                                          **dep.attack_kw))
                                  for nm in adv2_names(t) if nm in dep.interpreters]
     for nm, atk in probes:
         it = dep.interpreters[nm] if atk is not None else next(iter(dep.interpreters.values()))

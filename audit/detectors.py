@@ -6,34 +6,15 @@ from __future__ import annotations
 import torch
 from underfire.attacks.targets import benign_maps, target_classes
 from underfire.audit.config import AuditError, Progress, Target, adaptive_names, ensemble_names, stability_names
-from underfire.audit.defenses import DETECTORS, parts
+from underfire.audit.defenses import DETECTORS, TABLE, parts
 from underfire.audit.deployment import Deployment
 from underfire.audit.plan import adv2_attack, pgd_attack
-from underfire.guard.ensemble import DisagreementDetector, NormalisedDisagreementDetector
 from underfire.guard.learned import LearnedDetector
-from underfire.guard.squeeze import SqueezeDetector
-from underfire.guard.stability import StabilityDetector
-
-TORCH_SQUEEZERS = ("bits-2", "bits-3", "median-2", "median-3")
-
 
 def _make_detector(t: Target, dep: Deployment, d: str):
+    """Detector ``d`` of the defense table, reading the target's ensemble and stability members."""
     members = [dep.interpreters[n] for n in ensemble_names(t)]
-    if d == "squeeze":
-        return SqueezeDetector(dep.model)
-    if d == "ensemble":
-        return DisagreementDetector(members)
-    if d == "ensemble-norm":
-        return NormalisedDisagreementDetector(members)
-    if d == "stability":
-        return StabilityDetector([dep.interpreters[n] for n in stability_names(t)])
-    # the learned detector's squeezing part keeps the torch squeezers: OpenCV's non-local means runs per image on
-    # the CPU and would dominate every step of its adaptive attack (it is in the squeeze defense itself)
-    parts = [SqueezeDetector(dep.model, TORCH_SQUEEZERS)]
-    if len(members) >= 2:
-        parts.append(NormalisedDisagreementDetector(members))
-    parts.append(StabilityDetector([dep.interpreters[n] for n in stability_names(t)]))
-    return LearnedDetector(parts)
+    return TABLE[d].build(dep.model, members, [dep.interpreters[n] for n in stability_names(t)])
 
 
 def _train_learned(t: Target, dep: Deployment, det: LearnedDetector, progress: Progress) -> torch.Tensor:

@@ -17,6 +17,7 @@ from underfire.audit.defenses import parts
 from underfire.audit.deployment import Deployment
 from underfire.audit.metrics import confidence, iou_curve, l1
 from underfire.guard.adapters import Transfer
+from underfire.guard.registry import traits_of
 
 
 def detect(dets: dict, x_adv: torch.Tensor) -> dict:
@@ -87,15 +88,15 @@ def _eot_view(t: Target, it, factor: int):
     return None if view is None else Transfer(view, it)
 
 
-def _member_attack(t: Target, dep: Deployment, name: str, m: Member, det, lam_scale: float):
+def _member_attack(t: Target, dep: Deployment, it, m: Member, det, lam_scale: float):
     """The row's attack with member ``m``'s settings: ADV² overrides, longer schedule, random restart, and the
     detector's hinge (its weight / margin / first stage as ``m`` says)."""
     kw = dict(m.adv2)
     base = lam_scale if lam_scale != 1.0 else (t.adv2_options or {}).get("lam_scale", 1.0)
     ls = base * kw.pop("lam_scale", 1.0)
-    atk = adv2_attack(t, dep, name, lam_scale=ls, **kw)
+    atk = adv2_attack(t, dep, it, lam_scale=ls, **kw)
     if m.schedule > 1:
-        atk = adv2_attack(t, dep, name, lam_scale=ls, steps=tuple(s.steps * m.schedule for s in atk.stages), **kw)
+        atk = adv2_attack(t, dep, it, lam_scale=ls, steps=tuple(s.steps * m.schedule for s in atk.stages), **kw)
     if m.restart:
         atk.threat.random_start, atk.seed = True, m.restart
     if det is not None:
@@ -112,13 +113,13 @@ def strongest_attack(t: Target, dep: Deployment, label: str, name: str, it, x: t
     "ensemble" part (which member each input's record came from, which first spoofed it)."""
     view0 = dep.views.get(name, it)
     random_map = _eot_view(t, it, 2) is not None
-    tunable = dep.transfer.get(name, name).removeprefix("smooth:").removeprefix("beta:") != "mask"
+    tunable = traits_of(it).preset != "mask"
     ms = [m for m in members(t.attack_strength, det is not None, random_map) if tunable or not m.adv2]
 
     def attack_with(m: Member, idx: torch.Tensor) -> torch.Tensor:
         progress(f"{label} [{m.name}: {len(idx)} inputs left]")
         view = (_eot_view(t, it, m.eot) or view0) if m.eot > 1 else view0
-        atk = _member_attack(t, dep, name, m, judged[det] if det else None, lam_scale)
+        atk = _member_attack(t, dep, it, m, judged[det] if det else None, lam_scale)
         return atk(view, x[idx], y_t[idx], bm[idx], progress=step_bar(progress)).x_adv
 
     def judge(xa: torch.Tensor, idx: torch.Tensor):
@@ -182,11 +183,14 @@ def pgd_attack(t: Target, dep: Deployment) -> PGD:
     return PGD(dep.eps, steps=1000 // (t.shorten if t.schedule == "short" else 1), **dep.attack_kw)
 
 
-def adv2_attack(t: Target, dep: Deployment, name: str, **kw):
-    """The ADV² of the paper for interpreter ``name`` with this target's schedule, the run's precision and
-    compile setting."""
-    name = dep.transfer.get(name, name)  # an adapter is attacked through its twin, with the twin's preset
-    return make_adv2(name, dep.eps, t.schedule, shorten=t.shorten, **{**(t.adv2_options or {}), **dep.attack_kw, **kw})
+def adv2_attack(t: Target, dep: Deployment, interpreter, **kw):
+    """The ADV² of the paper for ``interpreter`` (a name of this deployment, a registry name or an Interpreter:
+    its traits name the preset; an adapter's Transfer view takes its twin's) with this target's schedule, the
+    run's precision and compile setting."""
+    if isinstance(interpreter, str):
+        interpreter = dep.interpreters.get(interpreter, interpreter)
+    return make_adv2(interpreter, dep.eps, t.schedule, shorten=t.shorten,
+                     **{**(t.adv2_options or {}), **dep.attack_kw, **kw})
 
 
 def step_bar(progress):

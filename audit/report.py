@@ -75,16 +75,12 @@ import textwrap  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from underfire.audit.defenses import row_label, row_order  # noqa: E402
+
 CMAP = "inferno"  # perceptually uniform: brightness grows with saliency, readable in grey and by colour-blind eyes
 SCHEMA_VERSION = 2  # 2: exact rate intervals, τ over several draws per input, status, journal fingerprints
-ATTACK_LABELS = {"pgd": "PGD", "adv2": "ADV²", "blackbox": "ADV² by queries", "adaptive-squeeze": "ADV²* vs squeezing",
-                 "adaptive-ensemble": "ADV²* vs ensemble", "stadv2": "stAdv-ADV²",
-                 "adaptive-ensemble-norm": "ADV²* vs ensemble-norm", "adaptive-stability": "ADV²* vs stability",
-                 "adaptive-learned": "ADV²* vs learned", "defense-smooth": "ADV²* on smoothed map",
-                 "defense-beta": "ADV²* on β-smoothed map",
-                 "adv2-shapes": "ADV² → shape map†", "adv2-other": "ADV² → other-class map†"}
-ATTACK_LABELS.update({f"defense-{m}+{d}": f"{ATTACK_LABELS[f'defense-{m}']} + {d}"  # combined defenses
-                      for m in ("smooth", "beta") for d in ("squeeze", "ensemble-norm", "stability", "learned")})
+# every row a record can hold and its label, in the report's order: derived from the defense table
+ATTACK_LABELS = {row: row_label(row) for row in row_order()}
 
 
 class ReportError(UnderfireError):

@@ -190,7 +190,7 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
         det_info = {d: detector_info(det.calibration, det.decision, detector_cost(det)) for d, det in dets.items()}
         try:
             summary = aggregate(records, decisions, cfg.bootstrap, cfg.seed, det_info, t.defenses, cfg.fpr,
-                                t.smooth_samples)
+                                asdict(t))
         except (IndexError, KeyError, TypeError) as exc:  # per-sample lists that do not line up
             raise AuditError(f"the journal of {key} cannot be aggregated ({type(exc).__name__}: {exc}): a batch was "
                              f"edited or written by another version; start the run again with --overwrite") from exc

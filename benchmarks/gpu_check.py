@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from underfire.attacks.adv2 import make_adv2  # noqa: E402
 from underfire.audit.config import AuditConfig, Target  # noqa: E402
 from underfire.audit.runner import run_audit  # noqa: E402
-from underfire.guard.interpreters import build_interpreter  # noqa: E402
+from underfire.guard.registry import build_interpreter  # noqa: E402
 from underfire.guard.models import load_model  # noqa: E402
 
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from underfire.attacks.threats import quantize  # noqa: E402
-from underfire.guard.interpreters import build_interpreter  # noqa: E402
+from underfire.guard.registry import build_interpreter  # noqa: E402
 from underfire.guard.maps import l1  # noqa: E402
 from underfire.guard.models import load_model  # noqa: E402
 from underfire.training.data import fashion_mnist, photos  # noqa: E402

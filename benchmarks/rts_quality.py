@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from underfire.guard.interpreters import build_interpreter  # noqa: E402
+from underfire.guard.registry import build_interpreter  # noqa: E402
 from underfire.guard.models import FMNIST_CLASSES, load_model  # noqa: E402
 from underfire.training.data import fashion_mnist  # noqa: E402
 from underfire.training.rts import rts_quality  # noqa: E402

@@ -12,9 +12,9 @@ readings, and the floor (a second draw on the clean images). Log: benchmarks/res
 import sys, time, torch
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from underfire.attacks.adv2 import Adv2
+from underfire.attacks.adv2 import make_adv2
 from underfire.attacks.targets import target_classes
-from underfire.guard.interpreters import build_interpreter
+from underfire.guard.registry import build_interpreter
 from underfire.guard.maps import l1
 from underfire.guard.models import load_model
 from underfire.training.data import fashion_mnist
@@ -44,7 +44,7 @@ from underfire.attacks.adv2 import PGD
 xp = PGD(eps=24/255, steps=250)(sg, x, yt).x_adv
 pgd_draw, pgd_exp = float(l1(sg(xp).saliency, t_draw).mean()), float(l1(big(xp).saliency, t_exp).mean())
 t0 = time.time()
-r = Adv2("smoothgrad", eps=24/255, schedule="short", shorten=4, **opts)(interp, x, yt, target)
+r = make_adv2("smoothgrad", eps=24/255, schedule="short", shorten=4, **opts)(interp, x, yt, target)
 fresh = [sg(r.x_adv).saliency for _ in range(3)]
 print(variant, "ASR", float(r.success.float().mean()), "L1 draw", round(float(l1(r.explanation.saliency, t_draw).mean()), 4),
       "fresh", [round(float(l1(f, t_draw).mean()), 4) for f in fresh],

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from underfire.attacks.adv2 import PGD, MaskAdv2, make_adv2  # noqa: E402
-from underfire.guard.interpreters import build_interpreter  # noqa: E402
+from underfire.guard.registry import build_interpreter  # noqa: E402
 from underfire.guard.models import load_model  # noqa: E402
 from underfire.training.data import fashion_mnist, photos  # noqa: E402
 

@@ -23,6 +23,7 @@ optimises the twin and every iterate is judged by the deployed map: a transfer r
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,9 +125,7 @@ class Opaque(Adapter):
     surrogate a transfer attack optimises (e.g. ``opaque:mask@cam``; without one, queries only). For audits of
     what the missing gradient costs the attacker, beside the white-box ``<name>``."""
 
-    def __init__(self, model, inner: str, surrogate: str | None = None, **kw) -> None:
-        from underfire.guard.interpreters.base import build_interpreter, check_name
-
+    def __init__(self, model, inner: str, surrogate: str | None, build: Callable[..., Interpreter], **kw) -> None:
         Interpreter.__init__(self, model)
         if not inner or inner.startswith(("opaque:", "captum:", "gradcam:")):
             raise InterpreterError(f"opaque:<name> serves a native interpreter as a black box; got {inner!r}")
@@ -134,8 +133,7 @@ class Opaque(Adapter):
             raise InterpreterError(f"the surrogate of opaque:{inner} must be a native interpreter with a gradient, "
                                    f"not {surrogate!r}")
         name = f"opaque:{inner}" + (f"@{surrogate}" if surrogate else "")
-        check_name(name)  # an unknown served map or surrogate is named as such, before anything is built
-        self.inner = build_interpreter(inner, model, **kw)
+        self.inner = build(inner, model, **kw)
         self.name = name
         self.method, self.kw, self.twin = inner, kw, surrogate
 
@@ -163,6 +161,11 @@ class Transfer(Interpreter):
         super().__init__(real.model)
         self.twin, self.real, self.name = twin, real, real.name
 
+    @property
+    def traits(self):
+        """The twin's: the attacker optimises the twin's map (its ADV² preset), the real map judges."""
+        return self.twin.traits
+
     def modules(self):
         return tuple({id(m): m for m in (*self.twin.modules(), *self.real.modules())}.values())
 
@@ -179,28 +182,29 @@ class Transfer(Interpreter):
         return e
 
 
-def build_adapter(name: str, model, **kw) -> Interpreter:
+def build_adapter(name: str, model, build: Callable[..., Interpreter], **kw) -> Interpreter:
+    """The adapter ``name`` (``captum:``, ``gradcam:`` or ``opaque:``); ``build`` builds native interpreters by
+    name (``guard.registry.build_interpreter``, handed in so that this module needs no registry)."""
     prefix, _, method = name.partition(":")
     if prefix == "opaque":
         inner, _, surrogate = method.partition("@")
-        return Opaque(model, inner, surrogate or None, **kw)
+        return Opaque(model, inner, surrogate or None, build, **kw)
     if not method:
         raise InterpreterError(f"{name!r}: name a method, e.g. captum:IntegratedGradients or gradcam:GradCAM")
     return CaptumAdapter(model, method, **kw) if prefix == "captum" else GradCamAdapter(model, method, **kw)
 
 
-def build_twin(adapter: Interpreter, model) -> Interpreter | None:
-    """The adapter's native twin (``grad:logit`` is GRAD on the logit, captum's Saliency), or None."""
-    from underfire.guard.interpreters.base import build_interpreter
-
+def build_twin(adapter: Interpreter, model, build: Callable[..., Interpreter]) -> Interpreter | None:
+    """The adapter's native twin (``grad:logit`` is GRAD on the logit, captum's Saliency), or None; ``build``
+    as in :func:`build_adapter`."""
     twin = getattr(adapter, "twin", None)
     if twin is None:
         return None
     if twin == "grad:logit":
-        return build_interpreter("grad", model, loss="logit")
+        return build("grad", model, loss="logit")
     kw = {"layer": adapter.native.layer_name} if isinstance(adapter, GradCamAdapter) else {}
     if twin == "occlusion" and isinstance(adapter, CaptumAdapter):  # the adapter's windows (its own if given)
         shape, strides = adapter.kw.get("sliding_window_shapes"), adapter.kw.get("strides")
         kw = {"pool": adapter.pool, "window": shape[-1] if shape else None,
               "stride": (strides[-1] if isinstance(strides, tuple) else strides) if strides else None}
-    return build_interpreter(twin, model, **kw)
+    return build(twin, model, **kw)

@@ -89,6 +89,10 @@ class Detector:
     def config(self) -> dict:
         return {}
 
+    def cost(self) -> dict:
+        """Extra work per judged input: classifier forward passes and interpreter maps (None: unknown)."""
+        return {"forwards": None, "maps": None}
+
     def fit(self, x_benign: torch.Tensor) -> None:
         """Learn what the scores need from benign data before thresholds are set (e.g. benign disagreement
         levels to normalise by); stored in ``self.fitted`` and saved with the thresholds. Default: nothing."""

@@ -32,7 +32,8 @@ from typing import Sequence
 import torch
 
 from underfire.guard.calibration import Detector, DetectorError
-from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, build_interpreter
+from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError
+from underfire.guard.registry import build_interpreter
 from underfire.guard.maps import iou_at_k, l1 as map_l1, pearson
 
 REDUCTIONS = ("mean", "max", "min", "median")
@@ -140,6 +141,9 @@ class DisagreementDetector(Detector):
 
     def config(self) -> dict:
         return {"members": [m.name for m in self.members], "top_k": self.top_k}
+
+    def cost(self) -> dict:
+        return {"forwards": 0, "maps": len(self.members)}
 
     def config_keys(self) -> list[str]:
         return ["corr", "l1", "iou"]

@@ -98,5 +98,9 @@ class LearnedDetector(Detector):
     def config(self) -> dict:
         return {"parts": [{"kind": p.kind, **p.config()} for p in self.parts]}
 
+    def cost(self) -> dict:
+        costs = [p.cost() for p in self.parts]
+        return {k: None if any(c[k] is None for c in costs) else sum(c[k] for c in costs) for k in ("forwards", "maps")}
+
     def config_keys(self) -> list[str]:
         return ["learned"]

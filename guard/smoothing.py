@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 
-from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target, trusted_inputs
+from underfire.guard.interpreters.base import (REGISTRY, Explanation, Interpreter, InterpreterError, minmax, pick_target,
+                                              register, trusted_inputs)
+from underfire.guard.interpreters.grad import GradSaliency
 
 RADII = (0.05, 0.1, 0.25)
 
@@ -81,6 +84,7 @@ class Smoothed(Interpreter):
         super().__init__(base.model)
         self.base, self.sigma, self.samples, self.clip = base, float(sigma), int(samples), bool(clip)
         self.name = f"smooth:{base.name}"  # its registry key: build_interpreter("smooth:cam", model)
+        self.traits = replace(base.traits, label=f"smoothed {base.traits.label}", random=True, variants=())
 
     def modules(self) -> tuple:
         return tuple({id(m): m for m in (self.model, *self.base.modules())}.values())
@@ -147,3 +151,12 @@ class Smoothed(Interpreter):
 def linf_as_l2(eps: float, shape: Sequence[int]) -> float:
     """The ℓ2 length of an ℓ∞ perturbation of size ``eps`` on every one of the C·H·W pixels."""
     return eps * math.sqrt(math.prod(shape))
+
+
+@register("smoothgrad", preset="grad", label="SmoothGrad", random=True)
+def smoothgrad(model, sigma: float = 0.15, samples: int = 16, clip: bool = False, **grad_kw) -> Smoothed:
+    """SmoothGrad (Smilkov et al. 2017): GRAD averaged over noisy copies, σ = 15% of the range, the copies not
+    clipped (captum NoiseTunnel's convention)."""
+    sm = Smoothed(GradSaliency(model, **grad_kw), sigma=sigma, samples=samples, clip=clip)
+    sm.name, sm.traits = "smoothgrad", REGISTRY["smoothgrad"].traits
+    return sm

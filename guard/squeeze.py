@@ -117,6 +117,9 @@ class SqueezeDetector(Detector):
     def config(self) -> dict:
         return {"squeezers": [s.name for s in self.squeezers]}
 
+    def cost(self) -> dict:
+        return {"forwards": 1 + len(self.squeezers), "maps": 0}
+
     def config_keys(self) -> list[str]:
         return [s.name for s in self.squeezers] + ["joint"]
 

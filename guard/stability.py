@@ -125,6 +125,9 @@ class StabilityDetector(Detector):
     def config(self) -> dict:
         return {"members": [m.name for m in self.members], "transforms": [t.name for t in self.transforms]}
 
+    def cost(self) -> dict:
+        return {"forwards": 0, "maps": len(self.members) * (1 + len(self.transforms))}
+
     def config_keys(self) -> list[str]:
         return self.keys() + ["joint"]
 

@@ -92,7 +92,7 @@ def raising_model() -> ImageClassifier:
 
 # -- a team's maps, for the fail-closed tests --------------------------------------------------------------------
 def _cam_of(m):
-    from underfire.guard.interpreters import build_interpreter
+    from underfire.guard.registry import build_interpreter
 
     return build_interpreter("cam", m)
 

@@ -287,7 +287,7 @@ def test_loop_reads_nothing_back_per_step(fmnist_resnet, fmnist_test, monkeypatc
     the steps and one judgement makes as many reads as a short one. (MASK's jitter shifts are drawn from a CPU
     generator, host-side by construction, so MASK runs here with jitter off.)"""
     from underfire.attacks.adv2 import make_adv2
-    from underfire.guard.interpreters import build_interpreter
+    from underfire.guard.registry import build_interpreter
 
     x, y = fmnist_test.tensors[0][:3], fmnist_test.tensors[1][:3]
     yt = target_classes(y, 10, torch.Generator().manual_seed(0))
@@ -321,7 +321,7 @@ def test_compiled_attack_matches_eager(fmnist_resnet, fmnist_test):
     """Attack(compile=True) runs the interpreter through torch.compile: same images, verdicts and maps (CAM);
     GRAD compiles nothing (double backward) and the unrolled MASK lookahead refuses to compile."""
     from underfire.attacks.adv2 import make_adv2
-    from underfire.guard.interpreters import build_interpreter
+    from underfire.guard.registry import build_interpreter
 
     x, y = fmnist_test.tensors[0][:3], fmnist_test.tensors[1][:3]
     yt = target_classes(y, 10, torch.Generator().manual_seed(0))

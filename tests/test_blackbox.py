@@ -9,7 +9,7 @@ import torch
 
 from underfire.attacks.blackbox import Counted, QueryAdv2, estimate, transfer_start
 from underfire.attacks.threats import AttackError
-from underfire.guard.interpreters import build_interpreter
+from underfire.guard.registry import build_interpreter
 from underfire.guard.interpreters.base import Explanation, Interpreter
 from tests.conftest import tiny_classifier
 from tests.helpers import ROOT
@@ -138,7 +138,7 @@ def test_the_oracle_has_no_gradient_and_bad_arguments_are_refused():
 
 NUMPY_MODULE = '''
 import torch
-from underfire.guard.interpreters import build_interpreter
+from underfire.guard.registry import build_interpreter
 from underfire.guard.models import load_model
 
 

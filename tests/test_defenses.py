@@ -16,7 +16,7 @@ from underfire.audit.metrics import rate
 from underfire.audit.config import AuditError, Target, validate_target
 from underfire.guard.calibration import DetectorError, roc_auc
 from underfire.guard.ensemble import DisagreementDetector, NormalisedDisagreementDetector
-from underfire.guard.interpreters import build_interpreter
+from underfire.guard.registry import build_interpreter
 from underfire.guard.interpreters.base import InterpreterError
 from underfire.guard.interpreters.grad import GradSaliency
 from underfire.guard.learned import LearnedDetector

@@ -11,7 +11,7 @@ from underfire.attacks.adv2 import PGD, make_adv2
 from underfire.attacks.targets import benign_maps, target_classes
 from underfire.audit.metrics import l1
 from underfire.guard.adapters import build_twin
-from underfire.guard.interpreters import build_interpreter
+from underfire.guard.registry import build_interpreter
 from underfire.guard.interpreters.base import InterpreterError
 from underfire.guard.interpreters.gradcam import feature_layers
 from tests.conftest import tiny_classifier
@@ -252,7 +252,7 @@ def test_audit_of_an_adapter_is_a_transfer_result_judged_by_the_real_map(tmp_pat
 TEAM_MODULE = '''
 import torch
 from underfire.guard.models import load_model
-from underfire.guard.interpreters import build_interpreter
+from underfire.guard.registry import build_interpreter
 
 
 def build():

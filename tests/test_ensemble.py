@@ -9,7 +9,7 @@ from underfire.attacks.adv2 import Adv2
 from underfire.guard.calibration import DetectorError
 from underfire.guard.ensemble import DisagreementDetector, InterpreterEnsemble, build_ensemble
 from underfire.guard.maps import pearson
-from underfire.guard.interpreters import build_interpreter
+from underfire.guard.registry import build_interpreter
 from underfire.guard.interpreters.base import InterpreterError
 from tests.conftest import tiny_classifier
 
@@ -50,7 +50,7 @@ def test_ensemble_errors():
 def test_an_attack_runs_against_an_ensemble_unchanged(fmnist_resnet, fmnist_small):
     x, y = fmnist_small
     ens = build_ensemble("cam+rts", fmnist_resnet)
-    r = Adv2("ensemble", 24 / 255, steps=(3, 3), check_every=3)(ens, x[:2], (y[:2] + 1) % 10, ens(x[:2]).saliency)
+    r = Adv2("cam", 24 / 255, steps=(3, 3), check_every=3)(ens, x[:2], (y[:2] + 1) % 10, ens(x[:2]).saliency)
     assert r.explanation.saliency.shape == (2, 1, 7, 7)
 
 
@@ -133,7 +133,7 @@ def test_an_attack_tracks_a_mask_member_of_an_ensemble(fmnist_resnet, fmnist_sma
         counts = {}
         for track in (0, 2):
             calls.clear()
-            r = Adv2("ensemble", 24 / 255, steps=(1, 6), check_every=6, track=track)(
+            r = Adv2("cam", 24 / 255, steps=(1, 6), check_every=6, track=track)(
                 ens, x[:2], (y[:2] + 1) % 10, ens(x[:2]).saliency)
             counts[track] = len(calls)
     finally:

@@ -7,11 +7,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from underfire.guard.interpreters import CAM, REGISTRY, RTS, RTSA, GradSaliency, InterpreterError, Mask, build_interpreter
+from underfire.attacks.adv2 import PAPER, Adv2
+from underfire.attacks.threats import AttackError
+from underfire.guard.adapters import Transfer
+from underfire.guard.ensemble import InterpreterEnsemble
+from underfire.guard.interpreters import CAM, REGISTRY, RTS, RTSA, GradSaliency, InterpreterError, Mask, register
+from underfire.guard.interpreters.base import FunctionInterpreter
+from underfire.guard.registry import build_interpreter, traits_of
 from underfire.guard.models import ImageClassifier, load_model
 from tests.conftest import tiny_classifier
 
-# Cheap settings per registered interpreter, for mechanics on tiny models. A new interpreter must add a row.
+def _team_map(x, t):
+    """A team's own map as a callable (x, target) -> (B, h, w): differentiable, and it depends on the class."""
+    return (x * (t.view(-1, 1, 1, 1).to(x.dtype) + 1)).sin().mean(1)
+
+
+# The contract table: cheap settings per interpreter, for mechanics on tiny models — every registered entry and
+# every wrapper and adapter (smoothing, ensembles, adapters, black-box views, a team's callable). A new
+# interpreter adds one row here. Random maps run with σ = 0 here (their noise is tested in test_smoothing.py).
 CHEAP = {
     "grad": lambda m: GradSaliency(m),
     "cam": lambda m: CAM(m),
@@ -23,11 +36,43 @@ CHEAP = {
     "inputxgrad": lambda m: build_interpreter("inputxgrad", m),
     "ig": lambda m: build_interpreter("ig", m, steps=4),
     "occlusion": lambda m: build_interpreter("occlusion", m, window=7, stride=7),  # 16 windows
+    "smoothgrad": lambda m: build_interpreter("smoothgrad", m, sigma=0.0, samples=2),
+    "beta:grad": lambda m: build_interpreter("beta:grad", m),
+    # wrappers and adapters
+    "smooth:cam": lambda m: build_interpreter("smooth:cam", m, sigma=0.0, samples=2),
+    "ensemble": lambda m: InterpreterEnsemble([GradSaliency(m), CAM(m)]),
+    "captum:Saliency": lambda m: build_interpreter("captum:Saliency", m),
+    "gradcam:GradCAM": lambda m: build_interpreter("gradcam:GradCAM", m),
+    "opaque:cam": lambda m: build_interpreter("opaque:cam", m),
+    "transfer": lambda m: Transfer(GradSaliency(m, loss="logit"), build_interpreter("captum:Saliency", m)),
+    "function": lambda m: FunctionInterpreter(m, _team_map, "team"),
 }
 
 
 def test_every_registered_interpreter_is_in_the_table():
-    assert set(REGISTRY) == set(CHEAP)
+    assert set(REGISTRY) <= set(CHEAP)
+
+
+def test_every_name_declares_traits_the_attacks_know():
+    """A registered interpreter names its ADV² preset (no silent fallback); prefixed names derive theirs."""
+    for name in [*REGISTRY, "smooth:cam", "captum:Saliency", "gradcam:GradCAM", "opaque:mask@cam", "opaque:mask"]:
+        tr = traits_of(name)
+        assert tr.preset in PAPER or tr.preset == "mask", (name, tr)
+        assert tr.label
+    assert traits_of("mask").iterative and not traits_of("cam").iterative
+    assert traits_of("smooth:cam").random and traits_of("smooth:cam").preset == "cam"
+    assert traits_of("captum:IntegratedGradients").preset == "grad"
+    assert traits_of("opaque:mask@cam").preset == "cam"  # attacked through its surrogate
+    with pytest.raises(InterpreterError, match="smoothing wraps a one-pass"):
+        traits_of("smooth:mask")
+    with pytest.raises(AttackError, match="no ADV² preset"):
+        Adv2("ensemble")
+
+
+def test_a_name_registered_twice_is_refused():
+    with pytest.raises(InterpreterError, match="registered twice"):
+        register("cam", preset="cam")(type("OtherCAM", (CAM,), {}))
+    assert REGISTRY["cam"].factory is CAM
 
 
 def _x(b=3, seed=1, dtype=torch.float64):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from underfire.guard.interpreters import build_interpreter
+from underfire.guard.registry import build_interpreter
 from underfire.guard.interpreters.base import Explanation, Interpreter
 from underfire.guard.smoothing import Smoothed, linf_as_l2, lower_bound, radius
 from tests.conftest import tiny_classifier

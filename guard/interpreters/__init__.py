@@ -1,15 +1,9 @@
 """The interpreters behind one contract (see base.py): the ADV² paper's four (GRAD, CAM, MASK, RTS) and the
 ones teams deploy (Grad-CAM, Grad-CAM++, Input×Gradient, Integrated Gradients, Occlusion;
-SmoothGrad = smooth:grad)."""
+SmoothGrad = smooth:grad). Each module registers its interpreters with their traits (``base.register``);
+build one by name with ``underfire.guard.registry.build_interpreter``."""
 
-from underfire.guard.interpreters.base import (
-    REGISTRY,
-    Explanation,
-    Interpreter,
-    InterpreterError,
-    build_interpreter,
-    minmax,
-)
+from underfire.guard.interpreters.base import REGISTRY, Explanation, Interpreter, InterpreterError, Traits, minmax, register
 from underfire.guard.interpreters.cam import CAM
 from underfire.guard.interpreters.grad import GradSaliency, ReluSurrogate
 from underfire.guard.interpreters.gradcam import GradCAM, GradCAMPlusPlus
@@ -19,7 +13,7 @@ from underfire.guard.interpreters.occlusion import Occlusion
 from underfire.guard.interpreters.rts import RTS, RTSA, SaliencyNet
 
 __all__ = [
-    "REGISTRY", "Explanation", "Interpreter", "InterpreterError", "build_interpreter", "minmax",
+    "REGISTRY", "Explanation", "Interpreter", "InterpreterError", "Traits", "minmax", "register",
     "CAM", "GradSaliency", "ReluSurrogate", "Mask", "MaskConfig", "RTS", "RTSA", "SaliencyNet",
     "GradCAM", "GradCAMPlusPlus", "InputXGradient", "IntegratedGradients", "Occlusion",
 ]

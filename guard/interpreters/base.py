@@ -105,6 +105,31 @@ def preserved_state(*modules: nn.Module) -> Iterator[None]:
                     p.requires_grad_(rg)
 
 
+@dataclass(frozen=True)
+class Traits:
+    """What the rest of underfire needs to know of an interpreter, declared once where it is registered (the
+    contract table of docs/architecture.md): the CLI, the audit, the attacks and the report read these, never
+    an interpreter's name.
+
+    preset: the ADV² settings it is attacked with: a row of ``attacks.adv2.PAPER`` ("grad", "cam", "rts") or
+        "mask" (the bilevel ``MaskAdv2`` for an iterative solver).
+    label: as the report shows it.
+    iterative: each map is an optimisation of its own (MASK): left out of the default detector members and
+        adaptive attacks (their cost), never smoothed, its pre-flight gradient check left to the test suite.
+    random: each call draws noise (SmoothGrad, ``smooth:``): attacks take an expectation (EOT).
+    variants: map defense → the registry name deployed in its place (``{"beta": "beta:grad"}``).
+    """
+
+    preset: str
+    label: str
+    iterative: bool = False
+    random: bool = False
+    variants: tuple[tuple[str, str], ...] = ()
+
+    def variant(self, defense: str) -> str | None:
+        return dict(self.variants).get(defense)
+
+
 class Interpreter:
     """Base class: validation, state preservation, target selection; subclasses implement ``explain``.
 
@@ -118,6 +143,9 @@ class Interpreter:
     # map). Interpreters whose attack needs a double backward (GRAD) compile nothing: compiled graphs
     # support only one backward.
     compile_parts: tuple[str, ...] = ("model", "explain")
+    # A team's own interpreter (a callable, or a subclass that declares nothing) is attacked with CAM's preset,
+    # the one that suits a map of any resolution; ``register`` or a subclass's own ``traits`` say otherwise.
+    traits: Traits = Traits(preset="cam", label="a team's map")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -231,96 +259,30 @@ def pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tens
     return logits.argmax(1) if target is None else target.to(logits.device)
 
 
-REGISTRY: dict[str, Callable[..., Interpreter]] = {}
+@dataclass(frozen=True)
+class Entry:
+    """One registered interpreter: how to build it for a model, and its traits."""
+
+    factory: Callable[..., Interpreter]
+    traits: Traits
 
 
-BETA = 3.0  # β of beta:grad: softplus-3 is visibly smoother than ReLU on [0, 1] images yet keeps the map's shape
+REGISTRY: dict[str, Entry] = {}
 
 
-def register(name: str):
-    """Class decorator: make an interpreter buildable by name."""
+def register(name: str, *, preset: str, label: str | None = None, iterative: bool = False, random: bool = False,
+             variants: dict[str, str] | None = None):
+    """Decorator of an Interpreter class (or of a factory ``(model, **kw) -> Interpreter``): buildable by
+    ``name`` with these traits. A name registered twice is refused (a plug-in must not silently replace one)."""
+    traits = Traits(preset, label or name.upper(), iterative, random, tuple(sorted((variants or {}).items())))
 
-    def deco(cls):
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
+    def deco(obj):
+        if name in REGISTRY:
+            raise InterpreterError(f"interpreter {name!r} is registered twice ({REGISTRY[name].factory.__module__} "
+                                   f"and {obj.__module__}); pick another name")
+        if isinstance(obj, type):
+            obj.name, obj.traits = name, traits
+        REGISTRY[name] = Entry(getattr(obj, "for_model", obj), traits)
+        return obj
 
     return deco
-
-
-def check_name(name: str) -> None:
-    """Refuse an interpreter name that :func:`build_interpreter` could never build, without a model (so that an
-    audit names a bad interpreter before anything loads). The part that is unknown is the one named: the inner
-    map of ``smooth:<name>`` / ``opaque:<name>``, or the surrogate of ``opaque:<name>@<surrogate>``."""
-    from underfire.guard import interpreters  # noqa: F401  (fills the registry)
-
-    def plain(n: str, what: str | None) -> None:
-        if n not in REGISTRY and n not in ("smoothgrad", "beta:grad"):
-            known = ", ".join(sorted([*REGISTRY, "smoothgrad", "beta:grad"]))
-            raise InterpreterError(f"unknown interpreter {n!r}; known: {known}" if what is None else
-                                   f"{what} {n!r} is not a known interpreter; known: {known}")
-
-    if not isinstance(name, str) or not name:
-        raise InterpreterError(f"an interpreter name is a non-empty string, got {name!r}")
-    prefix, colon, rest = name.partition(":")
-    if not colon or name == "beta:grad":
-        return plain(name, None)
-    if prefix == "smooth":
-        if rest == "mask" or rest.startswith("smooth:"):
-            raise InterpreterError(f"{name!r}: smoothing wraps a one-pass interpreter (grad, cam, rts), not {rest!r}")
-        return plain(rest, f"in {name!r}, the smoothed interpreter")
-    if prefix == "opaque":
-        inner, at, surrogate = rest.partition("@")
-        plain(inner, f"in {name!r}, the served interpreter")
-        if at:
-            plain(surrogate, f"in {name!r}, the surrogate")
-        return None
-    if prefix in ("captum", "gradcam"):
-        if not rest:
-            raise InterpreterError(f"{name!r}: name a method, e.g. captum:IntegratedGradients or gradcam:GradCAM")
-        return None
-    if prefix == "beta":
-        raise InterpreterError(f"{name!r}: β-smoothing changes a gradient map's backward pass; only 'beta:grad' exists")
-    raise InterpreterError(f"interpreter {name!r} has an unknown prefix {prefix!r}: known prefixes are smooth:, "
-                           f"captum:, gradcam:, opaque:")
-
-
-def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
-    """Build a registered interpreter by name (grad, cam, mask, rts); kwargs go to its constructor.
-
-    ``smooth:<name>`` wraps interpreter ``<name>`` in :class:`guard.smoothing.Smoothed` (kwargs: sigma, samples).
-    ``captum:<Method>`` / ``gradcam:<Method>`` adapt captum / pytorch-grad-cam (:mod:`guard.adapters`);
-    ``opaque:<name>[@<surrogate>]`` serves ``<name>`` as a black box (no gradient; a surrogate to transfer from).
-    ``smoothgrad`` is ``smooth:grad`` with SmoothGrad's noise (σ = 0.15, 16 copies; kwargs sigma, samples).
-    ``beta:grad`` is β-smoothed GRAD (Dombrowski et al. 2019): the deployed gradient map is computed through
-    softplus-β in place of every ReLU in the backward pass, always (kwargs: beta, default ``BETA``).
-    """
-    check_name(name)  # the one place that knows which names exist (and fills the registry)
-    if name.startswith("smooth:"):
-        from underfire.guard.smoothing import Smoothed
-
-        return Smoothed(build_interpreter(name.split(":", 1)[1], model), **kwargs)
-
-    if name.startswith(("captum:", "gradcam:", "opaque:")):  # the reference libraries (optional extras) and
-        # black-box views of native interpreters (guard/adapters.py)
-        from underfire.guard.adapters import build_adapter
-
-        return build_adapter(name, model, **kwargs)
-
-    if name == "smoothgrad":  # SmoothGrad (Smilkov et al. 2017): GRAD averaged over noisy copies, σ = 15% of the
-        # range, the copies not clipped (captum NoiseTunnel's convention)
-        from underfire.guard.smoothing import Smoothed
-
-        sm = Smoothed(build_interpreter("grad", model), sigma=kwargs.pop("sigma", 0.15),
-                      samples=kwargs.pop("samples", 16), clip=kwargs.pop("clip", False), **kwargs)
-        sm.name = "smoothgrad"
-        return sm
-
-    if name == "beta:grad":
-        grad = build_interpreter("grad", model, surrogate="softplus", always_surrogate=True,
-                                 beta=kwargs.pop("beta", BETA), **kwargs)
-        grad.name = name
-        return grad
-
-    factory = getattr(REGISTRY[name], "for_model", REGISTRY[name])
-    return factory(model, **kwargs)

@@ -16,7 +16,7 @@ from underfire.guard.interpreters.base import Explanation, Interpreter, Interpre
 from underfire.guard.models import CamUnsupportedError
 
 
-@register("cam")
+@register("cam", preset="cam", label="CAM")
 class CAM(Interpreter):
     """Class activation map at the resolution of the last conv features."""
 

@@ -24,14 +24,13 @@ instead of 7–10 (benchmarks/step_cost.py, docs/step-cost.md).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from underfire.guard.models import frozen_view
-from underfire.guard.interpreters.base import Explanation, Interpreter, minmax, pick_target, register
+from underfire.guard.interpreters.base import REGISTRY, Explanation, Interpreter, minmax, pick_target, register
 from underfire.guard.interpreters.base import InterpreterError
 
 SURROGATES = ("literal", "smooth", "softplus")
@@ -192,7 +191,7 @@ class ReluSurrogate(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@register("grad")
+@register("grad", preset="grad", label="GRAD", variants={"beta": "beta:grad"})
 class GradSaliency(Interpreter):
     """Gradient saliency.
 
@@ -257,3 +256,15 @@ class GradSaliency(Interpreter):
         if not second_order:
             logits, sal = logits.detach(), sal.detach()
         return Explanation(logits, sal)
+
+
+BETA = 3.0  # β of beta:grad: softplus-3 is visibly smoother than ReLU on [0, 1] images yet keeps the map's shape
+
+
+@register("beta:grad", preset="grad", label="β-smoothed GRAD")
+def beta_grad(model, beta: float = BETA, **kw) -> GradSaliency:
+    """β-smoothed GRAD (Dombrowski et al. 2019): the deployed gradient map is computed through softplus-β in
+    place of every ReLU in the backward pass, always."""
+    grad = GradSaliency(model, surrogate="softplus", always_surrogate=True, beta=beta, **kw)
+    grad.name, grad.traits = "beta:grad", REGISTRY["beta:grad"].traits
+    return grad

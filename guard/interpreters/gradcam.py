@@ -95,7 +95,7 @@ class _GradCAMBase(Interpreter):
         return Explanation(logits, sal)
 
 
-@register("gradcam")
+@register("gradcam", preset="cam", label="Grad-CAM")
 class GradCAM(_GradCAMBase):
     """Grad-CAM: channel weights = spatial mean of the gradient."""
 
@@ -103,7 +103,7 @@ class GradCAM(_GradCAMBase):
         return g.mean((2, 3))
 
 
-@register("gradcampp")
+@register("gradcampp", preset="cam", label="Grad-CAM++")
 class GradCAMPlusPlus(_GradCAMBase):
     """Grad-CAM++: channel weights from the closed-form second/third-order terms."""
 

@@ -26,7 +26,7 @@ from underfire.guard.interpreters.grad import GradSaliency
 BASELINES = ("black", "blur")
 
 
-@register("inputxgrad")
+@register("inputxgrad", preset="grad", label="Input×Gradient")
 class InputXGradient(GradSaliency):
     """|x ⊙ ∂z_t/∂x|, max over channels, pooled (see the module docstring)."""
 
@@ -50,7 +50,7 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.nn.functional.conv2d(y, k.transpose(-1, -2).expand(c, 1, -1, 1), groups=c)
 
 
-@register("ig")
+@register("ig", preset="grad", label="IG")
 class IntegratedGradients(GradSaliency):
     """Integrated Gradients with ``steps`` path points batched (see the module docstring)."""
 

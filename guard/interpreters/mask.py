@@ -69,7 +69,7 @@ class MaskConfig:
     seed: int | None = 0
 
 
-@register("mask")
+@register("mask", preset="mask", label="MASK", iterative=True)
 class Mask(Interpreter):
     """Fong & Vedaldi meaningful-perturbation mask, optimised for a whole batch at once."""
 

@@ -35,7 +35,7 @@ def default_window(side: int) -> tuple[int, int]:
     return s, max(1, s // 2)
 
 
-@register("occlusion")
+@register("occlusion", preset="grad", label="Occlusion")
 class Occlusion(Interpreter):
     """Occlusion's map with a gradient (see the module docstring)."""
 

@@ -114,7 +114,7 @@ class SaliencyNet(nn.Module):
         return self.out(self.refine(h)).abs()
 
 
-@register("rts")
+@register("rts", preset="rts", label="RTS", variants={"rtsa": "rtsa"})
 class RTS(Interpreter):
     """Real-time saliency: one forward of the classifier + the saliency network."""
 
@@ -203,7 +203,7 @@ def load_saliency_net(path: str | Path, model_name: str | None = None, with_enco
     return (net.eval(), ck.get("encoder_state_dict")) if with_encoder else net.eval()
 
 
-@register("rtsa")
+@register("rtsa", preset="rts", label="RTS^A")
 class RTSA(RTS):
     """RTS^A: an RTS fine-tuned adversarially (training/rts_adv.py); bundled as ``rts_adv_<model>.pt``."""
 
