@@ -162,7 +162,7 @@ def example_pictures(t: Target, dep: Deployment, k: int) -> dict:
 
     x = dep.x[:k]
     ex = {"images": [png_b64(im) for im in x], "classes": dep.y[:k].tolist(), "targets": dep.y_t[:k].tolist(),
-          "categories": list(dep.model.categories), "maps": {}}
+          "categories": list(dep.model.categories or map(str, range(dep.model(dep.x[:1]).shape[1]))), "maps": {}}
     for name, it in dep.interpreters.items():
         bm = benign_maps(it, x) if k else []
         ex["maps"][name] = [png_b64(it.upsample(m[None], x.shape[-2:])[0], cmap=True) for m in bm]

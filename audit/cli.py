@@ -6,82 +6,22 @@ bad tensor) ends as one ``Error: ...`` line and exit status 1; nothing half-writ
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import click
 import torch
-from underfire.guard.errors import UnderfireError
 from underfire.guard.interpreters.base import InterpreterError
-from underfire.guard.models import ModelError, list_models, load_model, load_torch_file, save_checkpoint
+from underfire.guard.errors import ModelError
+from underfire.guard.models import list_models, load_model
+from underfire.guard.weights import load_torch_file
 from underfire.training.data import DataError
 
-KNOWN_ERRORS = (UnderfireError, OSError)  # bad input a user can fix; anything else is an internal error
-INTERNAL = 70  # EX_SOFTWARE: a bug, not bad input
-EXIT_CODES = """Exit status: 0 the audit measured the deployment (and it is within --fail-above); 1 an error
-(bad setting, model, data or folder; one 'Error:' line); 2 a usage error of the command line; 3 the
-headline spoofability is above --fail-above; 4 the audit could not measure the deployment (refused before
-the attacks, or a target marked INCONCLUSIVE after them) and passes no gate — nor does, under --fail-above,
-a spoofability measured only from below (transfer / query attacks, a map whose gradient is not its derivative,
-a row NOT CONVERGED), an interpreter listed but not attacked, or random weights; 70 an internal error (a bug:
-one 'Internal error:' line; -v shows the traceback)."""
-
-
-class CliError(click.ClickException):
-    """One 'Error:' line with the exit status the error carries (1, or 4 for a refused audit)."""
-
-    def __init__(self, exc: Exception) -> None:
-        msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else \
-            f"{exc.strerror or exc}: {exc.filename}"
-        super().__init__(msg)
-        self.exit_code = getattr(exc, "exit_code", 1)
-
-
-def _verbose() -> bool:
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx is not None and ctx.find_root().params.get("verbose"))
-
-
-def friendly(fn):
-    """Turn the library's known errors (and OS errors) into one clear line and their exit status; with -v the
-    traceback too."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KNOWN_ERRORS as exc:
-            if _verbose():
-                import traceback
-
-                traceback.print_exc()
-            raise CliError(exc) from exc
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except Exception as exc:  # noqa: BLE001 (not bad input: say so, never dress a bug up as one)
-            if _verbose():
-                import traceback
-
-                traceback.print_exc()
-            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            click.echo(f"Internal error: {type(exc).__name__}{': ' + msg if msg else ''}. This is a bug in underfire "
-                       f"(or in code it called), not a problem with your input; run again with -v for the traceback "
-                       f"and report it.", err=True)
-            sys.exit(INTERNAL)
-
-    return wrapper
-
-
-def _echo_progress(p: dict) -> None:
-    eta = p["elapsed"] / p["step"] * (p["steps"] - p["step"])
-    extra = " ".join(f"{k}={v:.3f}" for k, v in p.get("logs", {}).items())
-    click.echo(f"  epoch {p['epoch']}/{p['epochs']} step {p['step']}/{p['steps']} loss {p['loss']:.4f} {extra}"
-               f" [{p['elapsed']:.0f}s, eta {eta:.0f}s]", err=True)
+from underfire.audit.cli_common import EXIT_CODES, friendly
+from underfire.audit.cli_train import train
 
 
 @click.group()
@@ -89,6 +29,9 @@ def _echo_progress(p: dict) -> None:
 def main(verbose: bool) -> None:
     """underfire: audit interpretable models (classifier + interpreter) against ADV² and harden them."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+main.add_command(train)
 
 
 @main.command("models")
@@ -190,129 +133,6 @@ def explain(images, model_name, names, count, mask_steps, out) -> None:
     click.echo(f"wrote {path}")
 
 
-@main.group()
-def train() -> None:
-    """Train the small Fashion-MNIST classifiers and the RTS interpreters."""
-
-
-@train.command("classifier")
-@click.option("--arch", type=click.Choice(["small_resnet", "small_densenet"]), default="small_resnet", show_default=True)
-@click.option("--epochs", default=6, show_default=True)
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=3e-3, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file to write (.pt).")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
-@friendly
-def train_classifier_cmd(arch: str, epochs: int, batch_size: int, lr: float, seed: int, out: Path, device: str) -> None:
-    """Train a 28×28 classifier on the real Fashion-MNIST training set and report test accuracy."""
-    from underfire.training.classifier import ClassifierConfig, train_classifier
-
-    cfg = ClassifierConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    click.echo(f"training {arch} on Fashion-MNIST (60k) for {epochs} epochs on {device}, "
-               f"{torch.get_num_threads()} threads", err=True)
-    t0 = time.time()
-    _, ck = train_classifier(cfg, device=device, progress=_echo_progress)
-    ck.save(out)
-    click.echo(f"test top-1 {ck.metrics['test_top1']:.2%}; trained in {ck.metrics['train_seconds']:.0f}s "
-               f"({time.time() - t0:.0f}s total); wrote {out}")
-
-
-@train.command("rts")
-@click.option("--model", "model_name", default="fmnist_resnet", show_default=True,
-              help="Classifier to explain (its features are the frozen encoder).")
-@click.option("--data", default="fashion-mnist", show_default=True,
-              help="fashion-mnist, or an ImageFolder root (root/<class>/<image>) of the model's classes.")
-@click.option("--epochs", default=3, show_default=True, help="Phase-2 epochs (selector + upsampler).")
-@click.option("--phase1-epochs", default=1, show_default=True, help="Phase-1 epochs (class selector only).")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=2e-3, show_default=True)
-@click.option("--area", default=1.0, show_default=True, help="Weight of the area term mean(M)^0.3.")
-@click.option("--destroy", default=1.0, show_default=True, help="Weight of p(class | destroyed input).")
-@click.option("--fake-prob", default=0.3, show_default=True,
-              help="Share of images whose selector gets a wrong class (their mask should be empty).")
-@click.option("--limit", default=None, type=int, help="Train on the first N training images only.")
-@click.option("--adversarial", is_flag=True,
-              help="Train RTS^A: fine-tune an RTS with attacked inputs (PGD / ADV²-RTS) made on the fly.")
-@click.option("--start", "start", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="RTS checkpoint to start from (--adversarial; default: the bundled RTS of the model).")
-@click.option("--eps", default=24 / 255, show_default="24/255", help="Attack budget for --adversarial.")
-@click.option("--repel-weight", default=0.0, show_default=True,
-              help="--adversarial: weight of the term that keeps the attacked map away from the attacker's target.")
-@click.option("--repel-margin", default=0.5, show_default=True, help="--adversarial: that term's margin (mean L1).")
-@click.option("--adv-weight", default=2.0, show_default=True,
-              help="--adversarial: weight of the term keeping attacked maps at the benign maps.")
-@click.option("--own-encoder", is_flag=True,
-              help="--adversarial: fine-tune a copy of the classifier as RTS^A's own encoder (saved in the checkpoint).")
-@click.option("--attack-steps", default="5,10", show_default=True,
-              help="--adversarial: PGD warm-start steps, ADV²-RTS joint steps of the attacks made during training.")
-@click.option("--polish-epochs", default=0, show_default=True,
-              help="--adversarial: then this many epochs of the plain RTS loss on the saliency net alone "
-                   "(own encoder frozen).")
-@click.option("--area-match", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="--adversarial: after training, calibrate the mask balance so the mean mask area on 2000 "
-                   "training images is this multiple of the starting RTS's (e.g. 1.05).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file to write (.pt).")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
-@friendly
-def train_rts_cmd(model_name, data, epochs, phase1_epochs, batch_size, lr, area, destroy, fake_prob, limit, adversarial,
-                  start, eps, repel_weight, repel_margin, adv_weight, own_encoder, attack_steps, polish_epochs, area_match,
-                  seed, out, device) -> None:
-    """Train an RTS saliency network (or RTS^A) for a classifier and report its quality on held-out data."""
-    from torch.utils.data import TensorDataset
-    from underfire.guard.interpreters.rts import RTS
-    from underfire.training.data import ImageFolderDataset, fashion_mnist, stack
-    from underfire.training.rts import RTSConfig, rts_quality, train_rts
-    from underfire.training.rts_adv import RTSAdvConfig, train_rts_adv
-
-    model = load_model(model_name)
-    if data == "fashion-mnist":
-        train_set, test_set = fashion_mnist("train"), fashion_mnist("test")
-    else:
-        full = ImageFolderDataset(data, size=model.input_size[1], channels=model.input_size[0])
-        if len(full.classes) > model.num_classes:
-            raise DataError(f"{data} has {len(full.classes)} class folders but model {model.name} has "
-                            f"{model.num_classes} classes (folders must be in the model's class order)")
-        x, y = stack(full)
-        cut = max(1, len(y) // 10)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        test_set, train_set = TensorDataset(x[perm[:cut]], y[perm[:cut]]), TensorDataset(x[perm[cut:]], y[perm[cut:]])
-    if adversarial and limit is None:
-        limit = RTSAdvConfig.limit  # every RTS^A batch runs an attack: a subset by default
-    if limit is not None:
-        train_set = TensorDataset(*(t[:limit] for t in train_set.tensors))
-    common = dict(limit=limit, epochs=epochs, batch_size=batch_size, lr=lr, area=area, destroy=destroy,
-                  fake_prob=fake_prob, seed=seed)
-    if adversarial:
-        try:
-            warm_steps, joint_steps = (int(v) for v in attack_steps.split(","))
-        except ValueError:
-            raise click.BadParameter(f"expected WARM,JOINT (two integers), not {attack_steps!r}",
-                                     param_hint="--attack-steps") from None
-        cfg = RTSAdvConfig(**common, phase1_epochs=0, eps=eps, repel_weight=repel_weight, repel_margin=repel_margin,
-                           adv_weight=adv_weight, own_encoder=own_encoder, warm_steps=warm_steps,
-                           joint_steps=joint_steps, polish_epochs=polish_epochs, area_match=area_match)
-        base = RTS.for_model(model, start)
-        click.echo(f"training RTS^A for {model.name} from {start or 'the bundled RTS'} on {data} "
-                   f"({len(train_set)} images, ε = {eps * 255:.0f}/255) on {device}", err=True)
-        interp, ck = train_rts_adv(model, train_set, cfg, device=device, progress=_echo_progress, start=base)
-    else:
-        cfg = RTSConfig(**common, phase1_epochs=phase1_epochs)
-        click.echo(f"training RTS for {model.name} on {data} ({len(train_set)} images) on {device}", err=True)
-        interp, ck = train_rts(model, train_set, cfg, device=device, progress=_echo_progress)
-    q = rts_quality(interp, test_set)
-    ck["metrics"]["quality"] = q
-    ck["metrics"]["data"] = data
-    save_checkpoint(ck, out)
-    click.echo(f"clean acc {q['clean_acc']:.2%}, preserved {q['preserved_acc']:.2%}, destroyed "
-               f"{q['destroyed_acc']:.2%}, mean mask area {q['area']:.3f} on {q['n']} held-out images; "
-               f"trained in {ck['metrics']['train_seconds']:.0f}s; wrote {out}")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# audit, reproduce, detect
-# ------------------------------------------------------------------------------------------------------------
 TARGET_FLAGS = ("model", "weights", "interpreters", "data", "n", "eps", "attacks", "defenses", "schedule", "shorten",
                 "queries", "threat_model", "attack_samples", "attack_strength",
                 "outputs")
@@ -382,11 +202,11 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
     and exit with the documented status: 0 measured and within --fail-above, 3 above it, 4 inconclusive."""
     import json
 
-    from underfire.audit.report import summary_rows, summary_text, write_report
-    from underfire.audit.rundir import RunFolder, check_writable
-    from underfire.audit.config import AuditError
-    from underfire.audit.journal import config_diff
-    from underfire.audit.runner import run_audit
+    from underfire.audit.api import run_in_folder
+    from underfire.audit.progress import Progress
+    from underfire.audit.report import summary_rows, summary_text
+    from underfire.audit.result import AuditReport
+    from underfire.audit.rundir import check_writable
     from underfire.training.loop import distributed_setup
 
     check_writable(out)
@@ -396,67 +216,22 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
         cfg.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # keep the finished run, start a new one
         click.echo(f"{run_dir} holds a finished report; this run goes to {out / cfg.name}", err=True)
         run_dir = out / cfg.name
-    resolved = cfg.to_dict()
-    with RunFolder(run_dir, resume, overwrite, lock=rank == 0) as rf:
-        cfg_file = rf.work / "config.json"
-        if rank == 0:
-            if resume:
-                saved = json.loads(cfg_file.read_text())
-                flat = lambda c: {**{k: v for k, v in c.items() if k not in ("targets", "device", "compile")},  # noqa: E731
-                                  **{f"targets[{i}].{k}": v for i, t in enumerate(c["targets"]) for k, v in t.items()}}
-                if diff := config_diff(flat(saved), flat(resolved)):
-                    raise AuditError(f"{run_dir} was started with another configuration ({'; '.join(diff)}): resume it "
-                                     f"with the same settings, or --overwrite")
-            tmp = cfg_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(resolved, indent=1))
-            os.replace(tmp, cfg_file)
-        else:
-            for _ in range(600):  # wait for rank 0 to set the folder up
-                if cfg_file.is_file():
-                    break
-                time.sleep(0.1)
-
-        from underfire.audit.progress import Progress
-
-        progress = Progress(enabled=rank == 0)  # tqdm bars on a terminal, timestamped lines otherwise
-        report = run_audit(cfg, rf.work, resume=resume, progress=progress)
-        if report is None:
-            return
-        write_report(report, rf.work)
-        rf.commit()
+    progress = Progress(enabled=rank == 0)  # tqdm bars on a terminal, timestamped lines otherwise
+    report = run_in_folder(cfg, run_dir, resume, overwrite, progress)
+    if report is None:
+        return
     js, page = run_dir / "report.json", run_dir / "report.html"
-    head = report["headline"]
     if as_json:
-        click.echo(json.dumps({"headline": head, "report": str(js), "html": str(page),
+        click.echo(json.dumps({"headline": report["headline"], "report": str(js), "html": str(page),
                                "rows": summary_rows(report)}, indent=1))
     else:
         click.echo(summary_text(report))
         click.echo(f"\nreport: {page}\nrecord: {js}")
-    if head["status"] == "inconclusive":
-        for r in head["inconclusive"]:
-            click.echo(f"INCONCLUSIVE: {r}", err=True)
-        click.echo("INCONCLUSIVE: this run did not measure the deployment; it passes no gate (exit status 4)", err=True)
-        sys.exit(4)
-    score = head["spoofability"]
-    if fail_above is not None and score > fail_above:
-        click.echo(f"FAIL: spoofability {score:.0%} is above --fail-above {fail_above:.0%}", err=True)
-        sys.exit(3)
-    for r in head.get("lower_bound", []):
-        click.echo(f"LOWER BOUND: {r}: a white-box attacker could spoof more", err=True)
-    for r in head.get("not_attacked", []):
-        click.echo(f"NOT MEASURED: {r}", err=True)
-    if fail_above is not None and head.get("lower_bound"):
-        click.echo("INCONCLUSIVE: spoofability measured only from below (transfer / query attacks) cannot pass "
-                   "--fail-above (exit status 4)", err=True)
-        sys.exit(4)
-    if fail_above is not None and head.get("not_attacked"):
-        click.echo("INCONCLUSIVE: an interpreter the audit did not attack cannot pass --fail-above (exit status 4)",
-                   err=True)
-        sys.exit(4)
-    if fail_above is not None and head.get("untrained"):
-        click.echo(f"INCONCLUSIVE: {head['untrained']}: an audit of untrained weights passes no gate (exit status 4)",
-                   err=True)
-        sys.exit(4)
+    gate = AuditReport(report).gate(fail_above)
+    for line in gate.messages:
+        click.echo(line, err=True)
+    if gate.exit_code:
+        sys.exit(gate.exit_code)
 
 
 def _audit_options(fn):

@@ -16,7 +16,7 @@ from underfire.audit.defenses import MAPS, TABLE, map_defense_name, parts
 from underfire.guard.adapters import Adapter, Opaque, Transfer, build_twin
 from underfire.guard.registry import build_interpreter
 from underfire.guard.interpreters.base import InterpreterError
-from underfire.guard.models import load_model
+from underfire.guard.models import load_model, provided_interpreters
 from underfire.training.data import (
     DataError,
     ImageFolderDataset,
@@ -59,9 +59,52 @@ class Deployment:
         return {"precision": self.precision, "compile": self.compile}
 
 
-def _load_data(t: Target, model) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+SUPPLIED = "python:"  # a target's model or data handed over as Python objects (audit()): "python:<name>"
+
+
+@dataclass
+class Supplied:
+    """What a target's ``python:`` names stand for: objects handed to :func:`underfire.audit.audit`."""
+
+    model: torch.nn.Module | None = None  # an ImageClassifier
+    interpreters: dict = field(default_factory=dict)  # name → Interpreter or callable (x, target) -> map
+    data: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (x, y or None)
+
+    @property
+    def used(self) -> bool:
+        return self.model is not None or bool(self.interpreters) or self.data is not None
+
+
+def _split(x: torch.Tensor, y: torch.Tensor | None, t: Target):
+    """Labelled data: the first 2n images are the audit's pool, the rest half calibration, half held out.
+    Unlabelled: the first n are audited; the detectors' benign data are crops and flips of the rest, held-out
+    other crops of the same images (its FPR is an optimistic estimate)."""
+    if y is None:
+        if len(x) <= t.n:
+            return x, None, None, None
+        rest = x[t.n:]
+        return x, None, _augment(rest, t.calibration_n, 1), _augment(rest, t.calibration_n, 2)
+    rest = x[2 * t.n:]
+    half = len(rest) // 2
+    return x, y, (rest[:half] if half else None), (rest[half:] if half else None)
+
+
+def _load_data(t: Target, model, supplied: Supplied | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(pool x, pool y or None when unlabelled, calibration x, held-out x)."""
     c, h, _ = model.input_size
+    if t.data.startswith(SUPPLIED):
+        if supplied is None or supplied.data is None:
+            raise AuditError(f"data {t.data!r} names tensors handed to audit() in Python; none were handed over "
+                             f"(the CLI takes fashion-mnist, photos or a folder)")
+        x, y = supplied.data
+        if tuple(x.shape[1:]) != tuple(model.input_size):
+            raise AuditError(f"the data are {tuple(x.shape[1:])} images; model {model.name} takes "
+                             f"{tuple(model.input_size)}")
+        if y is not None and int(y.max()) >= model.num_classes:
+            raise DataError(f"data y holds class {int(y.max())} but model {model.name} has {model.num_classes} "
+                            f"classes")
+        return _split(x, y, t)
     if t.data == "fashion-mnist":
         if (c, h) != (1, 28):
             raise AuditError(f"fashion-mnist holds 1×28×28 images; model {model.name} takes {c}×{h}×{h}")
@@ -78,12 +121,7 @@ def _load_data(t: Target, model) -> tuple[torch.Tensor, torch.Tensor | None, tor
             x, _ = photos(size=h)
             if c != 3:
                 raise AuditError(f"the bundled photos are colour; model {model.name} takes {c} channels")
-        if len(x) <= t.n:
-            return x, None, None, None
-        # benign data for the detectors: crops and flips of the images that are not audited (the first n
-        # are); held-out = other crops of the same images, so its FPR is an optimistic estimate
-        rest = x[t.n:]
-        return x, None, _augment(rest, t.calibration_n, 1), _augment(rest, t.calibration_n, 2)
+        return _split(x, None, t)
     if not root.is_dir():
         raise AuditError(f"data {t.data!r} is neither fashion-mnist, photos, a folder of images nor an ImageFolder "
                          f"directory")
@@ -92,9 +130,7 @@ def _load_data(t: Target, model) -> tuple[torch.Tensor, torch.Tensor | None, tor
         raise DataError(f"{root} has {len(ds.classes)} class folders but model {model.name} has "
                         f"{model.num_classes} classes (folders must be in the model's class order)")
     x, y = stack(ds)
-    rest = x[2 * t.n:]
-    half = len(rest) // 2
-    return x, y, (rest[:half] if half else None), (rest[half:] if half else None)
+    return _split(x, y, t)
 
 
 def _augment(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
@@ -118,17 +154,31 @@ def _augment(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _load_model(t: Target, supplied: Supplied | None):
+    """The target's model and the interpreters handed over with it (by a module:function entry point or to
+    audit() in Python), as Interpreter objects of that model."""
+    if not t.model.startswith(SUPPLIED):
+        model = load_model(t.model, t.weights)
+        return model, getattr(model, "provided_interpreters", {})
+    if supplied is None or supplied.model is None:
+        raise AuditError(f"model {t.model!r} names an nn.Module handed to audit() in Python; none was handed over "
+                         f"(the CLI takes a bundled name, torchvision:<arch>, file.pt or module:function)")
+    model = supplied.model
+    return model, provided_interpreters(t.model, model, model, supplied.interpreters)
+
+
 def build_deployment(t: Target, seed: int, device: torch.device, precision: str = "fp32",
-                     channels_last: bool = False, compile: bool = False) -> Deployment:
+                     channels_last: bool = False, compile: bool = False,
+                     supplied: Supplied | None = None) -> Deployment:
     """Load, check (outputs, training, gradients: :class:`AuditRefused` when the audit cannot measure it) and
-    select the audited inputs of one target."""
+    select the audited inputs of one target (``supplied``: the objects its ``python:`` names stand for)."""
     from underfire.guard.models import from_probabilities
 
-    model = load_model(t.model, t.weights).to(device).eval()
-    provided = getattr(model, "provided_interpreters", {})  # handed over by a module:function entry point
+    model, provided = _load_model(t, supplied)
+    model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    pool_x, pool_y, x_cal, x_held = _load_data(t, model)
+    pool_x, pool_y, x_cal, x_held = _load_data(t, model, supplied)
     pool_x = pool_x.to(device)
     check_outputs(t, model, pool_x)
     if t.outputs == "probs":

@@ -40,6 +40,7 @@ This module only orchestrates; each job has its module: ``config`` (settings, va
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -66,7 +67,7 @@ from underfire.audit.config import (
     strong_rows,
 )
 from underfire.audit.defenses import detector_cost
-from underfire.audit.deployment import Deployment, build_deployment, resolve_batch_size
+from underfire.audit.deployment import Deployment, Supplied, build_deployment, resolve_batch_size
 from underfire.audit.detectors import build_detectors
 from underfire.audit.journal import Journal, fingerprint, key_paths
 from underfire.audit.plan import adv2_attack, measure_noise, pgd_attack
@@ -122,11 +123,16 @@ def _run_batches(cfg: AuditConfig, t: Target, dep: Deployment, dets: dict, journ
             progress.advance()
 
 
-def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: Progress | None = None) -> dict | None:
+def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: Progress | None = None,
+              supplied: dict[str, Supplied] | None = None) -> dict | None:
     """Run the audit; returns the report dict on rank 0 (None on other ranks). Writes nothing but journals.
 
-    The caller (the CLI) writes report.json/html from the returned dict, atomically.
+    ``supplied``: per target key, the objects its ``python:`` names stand for (:func:`underfire.audit.audit`).
+    The caller (``run_in_folder``) writes report.json/html from the returned dict, atomically. ``cfg`` is not
+    changed: the run works on a resolved copy (defaults filled in, exclusions applied), which the report's
+    ``config`` records.
     """
+    cfg = copy.deepcopy(cfg)
     cfg.validate()
     progress = progress or (lambda msg: log.info(msg))
     rank, world = distributed_setup()
@@ -146,7 +152,9 @@ def run_audit(cfg: AuditConfig, run_dir: Path, resume: bool = False, progress: P
     deps = {}
     for t in cfg.targets:  # every pre-flight check (AuditRefused) before any attack starts
         progress(f"{t.key()}: loading model, interpreters and data")
-        deps[t.key()] = build_deployment(t, cfg.seed, device, cfg.precision, cfg.channels_last, cfg.compile)
+        deps[t.key()] = build_deployment(t, cfg.seed, device, cfg.precision, cfg.channels_last, cfg.compile,
+                                         (supplied or {}).get(t.key()))
+    report["config"] = cfg.to_dict()  # as resolved by validation and the pre-flight exclusions
     for t in cfg.targets:
         key = t.key()
         dep = deps.pop(key)

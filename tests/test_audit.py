@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from underfire.audit.report import SCHEMA_VERSION, ReportError, load_report, render_html
+from underfire.audit.html import render_html
+from underfire.audit.report import SCHEMA_VERSION, ReportError, load_report
 from underfire.audit.config import AuditConfig, AuditError
 from tests.helpers import ENV, cli, one_error
 

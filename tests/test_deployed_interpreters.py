@@ -280,7 +280,8 @@ def test_an_entry_point_hands_over_its_own_interpreters(tmp_path, monkeypatch):
     from underfire.audit.config import Target, validate_target
     from underfire.audit.deployment import build_deployment
     from underfire.guard.interpreters.base import FunctionInterpreter
-    from underfire.guard.models import ModelError, load_model
+    from underfire.guard.errors import ModelError
+    from underfire.guard.models import load_model
 
     (tmp_path / "teammodels.py").write_text(TEAM_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -310,13 +310,13 @@ def test_every_library_error_is_an_underfire_error_and_a_bug_is_not_bad_input(tm
     """Errors raised on purpose share one root and print as one 'Error:' line; any other exception inside a
     command (here a bare ValueError from deep in the run) is an internal error, exit 70, never 'bad input'."""
     import underfire.audit.config as config
-    import underfire.audit.runner as runner
+    import underfire.audit.api as api
     from underfire.attacks.threats import AttackError
     from underfire.audit.report import ReportError
     from underfire.guard.calibration import DetectorError
     from underfire.guard.errors import UnderfireError
     from underfire.guard.interpreters.base import InterpreterError
-    from underfire.guard.models import ModelError
+    from underfire.guard.errors import ModelError
     from underfire.training.data import DataError
     from underfire.training.loop import LaunchError
 
@@ -327,7 +327,7 @@ def test_every_library_error_is_an_underfire_error_and_a_bug_is_not_bad_input(tm
 
     def broken(*a, **k):
         raise ValueError("shapes do not line up")
-    monkeypatch.setattr(runner, "run_audit", broken)
+    monkeypatch.setattr(api, "run_audit", broken)
     r = cli_here("audit", *SMALL, "--out", tmp_path / "runs")
     assert r.returncode == 70 and "Internal error: ValueError: shapes do not line up" in r.stderr
     assert not [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")] and "Traceback" not in r.stderr

@@ -68,7 +68,7 @@ def test_unknown_model_name():
 
 def test_missing_weights_say_where_to_put_the_file():
     # ResNet-50's IMAGENET1K_V1 file is not in the cache on this machine (no download possible).
-    from underfire.guard.models import hub_checkpoint_dir
+    from underfire.guard.weights import hub_checkpoint_dir
 
     if (hub_checkpoint_dir() / "resnet50-0676ba61.pth").exists():
         pytest.skip("ResNet-50 weights are cached here")

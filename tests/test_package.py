@@ -17,8 +17,26 @@ def _run(*args, **kw):
 
 
 # what a user's notebook imports, from a folder whose own packages have our folders' names
-IMPORTS = ("from underfire.audit.runner import run_audit; from underfire.training.data import fashion_mnist; "
+IMPORTS = ("from underfire.audit import audit; from underfire.training import fashion_mnist; "
            "import underfire.guard, underfire.attacks; print(underfire.guard.__file__)")
+# a notebook's audit of objects in memory: a bare nn.Module, its own map as a callable, (x, y) tensors
+NOTEBOOK = """
+import torch
+from underfire.audit import audit
+from underfire.guard import load_model
+from underfire.training import fashion_mnist
+
+net = load_model("fmnist_resnet").net
+x, y = fashion_mnist("test").tensors
+
+def my_map(x, target):
+    f = net.cam_features((x - 0.286) / 0.353)
+    return torch.einsum("bkhw,bk->bhw", f, net.fc.weight[target]).relu()
+
+report = audit(net, {"my_map": my_map}, (x[:100], y[:100]), mean=(0.286,), std=(0.353,), n=2, eps=24,
+               shorten=25, defenses=[], calibration_n=16, bootstrap=20, examples=0)
+print(report.headline)
+"""
 
 
 def _shadowing_project(folder: Path) -> Path:
@@ -58,6 +76,9 @@ def test_the_wheel_installs_and_runs_outside_the_repository(tmp_path):
     where = _run(py, "-c", IMPORTS, cwd=outside, env=env)
     assert where.returncode == 0, where.stderr[-2000:]
     assert str(venv) in where.stdout and str(ROOT) not in where.stdout  # the installed copy, not the checkout
+    nb = _run(py, "-c", NOTEBOOK, cwd=outside, env=env)
+    assert nb.returncode == 0, nb.stderr[-2000:]
+    assert "spoofability" in nb.stdout and "/ my_map" in nb.stdout, nb.stdout
     exe = venv / "bin" / "underfire"
     r = _run(exe, "--help", cwd=outside, env=env)
     assert r.returncode == 0 and "audit" in r.stdout, r.stderr[-2000:]

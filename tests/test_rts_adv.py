@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from underfire.guard.interpreters.rts import RTS, load_saliency_net
-from underfire.guard.models import save_checkpoint
+from underfire.guard.weights import save_checkpoint
 from underfire.training.rts_adv import RTSAdvConfig, calibrate_balance, mask_area, rts_adv_loss, train_rts_adv
 
 

@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from underfire.guard.interpreters import RTS
-from underfire.guard.models import CHECKPOINT_DIR, read_checkpoint
+from underfire.guard.models import CHECKPOINT_DIR
+from underfire.guard.weights import read_checkpoint
 from underfire.training.rts import RTSConfig, rts_loss, rts_quality, train_rts
 
 

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from underfire.guard.models import FMNIST_CLASSES, SMALL_ARCHS, Checkpoint, ImageClassifier
+from underfire.guard.models import FMNIST_CLASSES, SMALL_ARCHS, ImageClassifier
+
+from underfire.guard.weights import Checkpoint
 from underfire.training.data import fashion_mnist
 from underfire.training.loop import TrainConfig, run
-from underfire.guard.models import ModelError
+from underfire.guard.errors import ModelError
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, minmax, pick_target, register
-from underfire.guard.models import CamUnsupportedError
+from underfire.guard.errors import CamUnsupportedError
 
 
 @register("cam", preset="cam", label="CAM")

@@ -25,7 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from underfire.guard.interpreters.base import Explanation, Interpreter, InterpreterError, pick_target, register
-from underfire.guard.models import CHECKPOINT_DIR, ModelError, SmallDenseNet, SmallResNet, read_checkpoint
+from underfire.guard.errors import ModelError
+from underfire.guard.models import CHECKPOINT_DIR
+from underfire.guard.nets import SmallDenseNet, SmallResNet
+from underfire.guard.weights import read_checkpoint
 
 Encoder = Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
 
