@@ -106,6 +106,8 @@ def _overlay(image: str, saliency: str, size: int = 96) -> str:
 
 def _examples_html(tg: dict) -> str:
     ex = tg["examples"]
+    if "images" not in ex:  # a committed record whose pictures were left out (benchmarks/slim.py)
+        return f"<p><small>{html.escape(ex.get('left_out', 'no example pictures in this record'))}</small></p>"
     recs = tg["records"]["interpreters"]
     cats = ex["categories"]
     rows = []
