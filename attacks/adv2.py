@@ -52,7 +52,8 @@ class Adv2(Attack):
     """ADV²: stage 1 plain targeted PGD (warm start), stage 2 ℓ_prd + λ·ℓ_int with best-iterate selection.
 
     Args:
-        interpreter: the preset (a row of ``PAPER``: "grad", "cam", "rts"); :func:`make_adv2` takes it from an
+        interpreter: the interpreter attacked (its name, for the record) and, unless ``preset`` is given, the
+            preset: a row of ``PAPER`` ("grad", "cam", "rts"). :func:`make_adv2` takes the preset from an
             interpreter's traits.
         eps: L∞ radius.
         schedule: "paper" or "short" (every stage ``shorten`` times shorter).
@@ -67,15 +68,16 @@ class Adv2(Attack):
 
     def __init__(self, interpreter: str = "cam", eps: float = 8 / 255, schedule: str = "paper",
                  shorten: int = 4, lam_scale: float = 1.0, steps: tuple[int, int] | None = None,
-                 joint_lr: float = STEP, joint_rule: str = "sign", **kw) -> None:
+                 joint_lr: float = STEP, joint_rule: str = "sign", preset: str | None = None, **kw) -> None:
         if schedule not in ("paper", "short"):
             raise AttackError(f"schedule must be 'paper' or 'short', not {schedule!r}")
         if joint_rule not in ("sign", "momentum", "adam"):
             raise AttackError(f"joint_rule must be 'sign', 'momentum' or 'adam', not {joint_rule!r}")
-        if interpreter not in PAPER:
-            raise AttackError(f"no ADV² preset {interpreter!r}: presets are {', '.join(PAPER)} (make_adv2 takes an "
+        preset = preset or interpreter
+        if preset not in PAPER:
+            raise AttackError(f"no ADV² preset {preset!r}: presets are {', '.join(PAPER)} (make_adv2 takes an "
                               f"interpreter's preset from its traits)")
-        s1, s2, lam, pred, intl, extra = PAPER[interpreter]
+        s1, s2, lam, pred, intl, extra = PAPER[preset]
         if steps is not None:
             s1, s2 = steps
         elif schedule == "short":
@@ -86,7 +88,7 @@ class Adv2(Attack):
             kw.setdefault(k, v)
         super().__init__(LinfBall(eps), [Stage(s1, 0.0, "sign", STEP), Stage(s2, schedule_fn, joint_rule, joint_lr)],
                          pred_loss=pred, int_loss=intl, **kw)
-        self.interpreter, self.schedule_name = interpreter, schedule
+        self.interpreter, self.preset, self.schedule_name = interpreter, preset, schedule
 
     # The paper tuned GRAD's λ for a summed loss over a 56×56 map; a summed loss over another map size is
     # rescaled so the balance between ℓ_prd and ℓ_int stays the paper's.
@@ -102,7 +104,8 @@ class Adv2(Attack):
         return cls(getattr(interp, "name", "cam"), **kw)
 
     def describe(self) -> dict:
-        return {**super().describe(), "interpreter": self.interpreter, "schedule": self.schedule_name}
+        return {**super().describe(), "interpreter": self.interpreter, "preset": self.preset,
+                "schedule": self.schedule_name}
 
 
 class MaskAdv2(Attack):
@@ -264,4 +267,7 @@ def make_adv2(interpreter: str | Interpreter, eps: float = 8 / 255, schedule: st
     if preset == "mask":
         kw["lam"] = kw.get("lam", 1.0) * kw.pop("lam_scale", 1.0)
         return MaskAdv2(eps, schedule=schedule, **kw)
-    return Adv2(preset, eps, schedule=schedule, **kw)
+    twin = getattr(interpreter, "twin", None)  # a Transfer view: the attack optimises its twin's map
+    name = interpreter if isinstance(interpreter, str) else twin.name if isinstance(twin, Interpreter) else \
+        interpreter.name
+    return Adv2(name.removeprefix("smooth:").removeprefix("beta:"), eps, schedule=schedule, preset=preset, **kw)

@@ -13,8 +13,8 @@ from underfire.attacks.targets import benign_maps, target_classes
 from underfire.audit.checks import check_faithful, check_outputs, check_trained, exclude_opaque, preflight
 from underfire.audit.config import AuditConfig, AuditError, Target, adaptive_names, adv2_names
 from underfire.audit.defenses import MAPS, TABLE, map_defense_name, parts
-from underfire.guard.adapters import Adapter, Opaque, Transfer, build_twin
-from underfire.guard.registry import build_interpreter
+from underfire.guard.adapters import Adapter, Opaque, Transfer
+from underfire.guard.registry import build_interpreter, twin_of
 from underfire.guard.interpreters.base import InterpreterError
 from underfire.guard.models import load_model, provided_interpreters
 from underfire.training.data import (
@@ -187,7 +187,7 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     warnings, transfer, opaque = [], {}, set()
     for n, it in list(interps.items()):  # adapters (captum:, gradcam:) compute without a gradient
         if isinstance(it, Adapter):
-            twin = build_twin(it, model)
+            twin = twin_of(it, model)
             if twin is None:
                 opaque.add(n)  # attacked with queries (black-box ADV²) instead
                 continue

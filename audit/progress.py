@@ -65,7 +65,7 @@ class Progress:
         """The attack loop's callback ``(step, total, asr)``; None off a terminal (the loop then reads nothing)."""
         return self._steps if self.enabled and self.bars else None
 
-    def step_bar(self, step: int, total: int, asr=None) -> None:
+    def _steps(self, step: int, total: int, asr=None) -> None:
         if self._inner is None or step <= self._inner.n or self._inner.total != total:
             self._close_inner()
             self._inner = tqdm(total=total, desc=f"  {self._label}", unit="step", leave=False, position=1,

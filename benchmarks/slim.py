@@ -2,8 +2,8 @@
 
 A report.json carries PNGs (base64) of the first inputs of every row and of the report's examples: most of its
 bytes, and nothing a page, a script or ``benchmarks/reaggregate.py`` reads. This strips them from the records in
-benchmarks/results, rounds the per-input IoU curves to 4 decimals and writes compact JSON (every per-sample
-number stays, so summaries can be recomputed) and notes where the pictures went: re-run the audit for them.
+benchmarks/results and writes compact JSON (every per-sample number stays as it was, so summaries can be
+recomputed exactly) and notes where the pictures went: re-run the audit for them.
 
     python benchmarks/slim.py            # every *_report.json under benchmarks/results
     python benchmarks/slim.py --check    # exit 1 when a committed record still carries pictures
@@ -31,9 +31,6 @@ def slim(report: dict) -> bool:
                     for k in ("images", "maps"):
                         if row.get(k):
                             row[k], changed = [], True
-                    curves = row.get("iou_curve")  # per input, IoU at 19 values of k: 4 decimals are plenty
-                    if curves and any(isinstance(v, float) and v != round(v, 4) for c in curves for v in c):
-                        row["iou_curve"], changed = [[round(v, 4) for v in c] for c in curves], True
         ex = tg.get("examples")
         if isinstance(ex, dict) and (ex.get("images") or ex.get("maps")):
             tg["examples"], changed = {"left_out": NOTE}, True

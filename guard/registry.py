@@ -22,7 +22,7 @@ from torch import nn
 
 import underfire.guard.interpreters  # noqa: F401  (each module registers its interpreters)
 import underfire.guard.smoothing  # noqa: F401  (registers smoothgrad)
-from underfire.guard.adapters import CAPTUM_TWINS, GRADCAM_TWINS, build_adapter
+from underfire.guard.adapters import CAPTUM_TWINS, GRADCAM_TWINS, build_adapter, build_twin
 from underfire.guard.interpreters.base import REGISTRY, Interpreter, InterpreterError, Traits
 from underfire.guard.smoothing import Smoothed
 
@@ -119,3 +119,8 @@ def build_interpreter(name: str, model: nn.Module, **kwargs) -> Interpreter:
 def known_names() -> list[str]:
     """The plain names and the prefixes, for help texts and errors."""
     return sorted(REGISTRY) + [f"{p}:<name>" for p in PREFIXES]
+
+
+def twin_of(adapter: Interpreter, model: nn.Module) -> Interpreter | None:
+    """The native twin of an adapter (the differentiable map its attacks optimise), or None."""
+    return build_twin(adapter, model, build_interpreter)

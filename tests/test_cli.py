@@ -1,17 +1,16 @@
-"""The command line as a user runs it: real subprocesses, exit codes, one clear error line."""
+"""The command line as a user runs it: exit codes, output, one clear error line. In process (click's runner:
+the same entry point, no torch import per call); the real process is tested where it is the point (kill and
+resume, torchrun, the installed wheel's command: test_audit.py, test_package.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-UNDERFIRE = [sys.executable, "-m", "underfire.audit.cli"]
+from tests.helpers import cli_here
 
 
 def run(*args, cwd=None):
-    return subprocess.run([*UNDERFIRE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return cli_here(*args, cwd=cwd)
 
 
 def test_predict_bundled_photos():

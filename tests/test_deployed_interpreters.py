@@ -10,7 +10,7 @@ import torch
 from underfire.attacks.adv2 import PGD, make_adv2
 from underfire.attacks.targets import benign_maps, target_classes
 from underfire.audit.metrics import l1
-from underfire.guard.adapters import build_twin
+from underfire.guard.registry import twin_of
 from underfire.guard.registry import build_interpreter
 from underfire.guard.interpreters.base import InterpreterError
 from underfire.guard.interpreters.gradcam import feature_layers
@@ -88,7 +88,7 @@ def test_occlusion_equals_captum_and_its_gradient_is_exact(model_name, request, 
     other = {"sliding_window_shapes": (x.shape[1], s, s), "strides": (x.shape[1], st, st)}  # border, as captum's
     for kw in ({}, other) if model_name == "fmnist_resnet" else (other,):  # MobileNetV2: 49 windows, CI time
         adapter = build_interpreter("captum:Occlusion", model, **kw)
-        twin = build_twin(adapter, model)
+        twin = twin_of(adapter, model)
         assert twin.name == "occlusion" and (twin.window, twin.stride) == ((s, st) if kw else (None, None))
         ref, mine = adapter(x).saliency, twin(x).saliency
         assert torch.allclose(mine, ref, atol=1e-4), float((mine - ref).abs().max())
@@ -179,7 +179,7 @@ def test_adapters_match_their_native_twins_and_carry_no_gradient(fmnist_resnet, 
     x = fmnist_small[0][:4]
     for name in ADAPTERS:
         a = build_interpreter(name, fmnist_resnet)
-        twin = build_twin(a, fmnist_resnet)
+        twin = twin_of(a, fmnist_resnet)
         mine, ref = a(x).saliency, twin(x).saliency
         assert mine.shape == ref.shape, name
         for u, v in zip(mine, ref):
@@ -207,11 +207,11 @@ def test_opaque_serves_a_native_map_as_a_black_box(fmnist_resnet, fmnist_small):
     assert torch.equal(op(x).saliency, build_interpreter("mask", fmnist_resnet)(x).saliency)
     xg = x.clone().requires_grad_(True)
     assert not op(xg).saliency.requires_grad
-    view = Transfer(build_twin(op, fmnist_resnet), op)
+    view = Transfer(twin_of(op, fmnist_resnet), op)
     s = view(xg).saliency
     assert s.requires_grad and tuple(s.shape[-2:]) == op.native_size((28, 28)) == (14, 14)
     assert build_interpreter("opaque:grad", fmnist_resnet).twin is None
-    assert build_twin(build_interpreter("opaque:cam@occlusion", fmnist_resnet), fmnist_resnet).name == "occlusion"
+    assert twin_of(build_interpreter("opaque:cam@occlusion", fmnist_resnet), fmnist_resnet).name == "occlusion"
     for bad in ("opaque:captum:Saliency", "opaque:grad@opaque:cam", "opaque:"):
         with pytest.raises(InterpreterError):
             build_interpreter(bad, fmnist_resnet)

@@ -5,16 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from underfire.guard.models import (
-    CHECKPOINT_DIR,
-    Checkpoint,
-    ImageClassifier,
-    ModelError,
-    SmallDenseNet,
-    SmallResNet,
-    load_model,
-    read_checkpoint,
-)
+from underfire.guard.errors import ModelError
+from underfire.guard.models import CHECKPOINT_DIR, ImageClassifier, load_model
+from underfire.guard.nets import SmallDenseNet, SmallResNet
+from underfire.guard.weights import Checkpoint, read_checkpoint
 from underfire.training.classifier import accuracy
 
 
