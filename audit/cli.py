@@ -235,6 +235,11 @@ def _execute(cfg, out: Path, resume: bool, overwrite: bool, as_json: bool, fail_
 
 
 def _audit_options(fn):
+    from underfire.attacks.strength import STRENGTHS
+    from underfire.audit.config import ATTACKS
+    from underfire.audit.defenses import DEFENSES
+    from underfire.guard.registry import known_names
+
     opts = [
         click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="TOML file with audit settings and [[targets]] (flags override it)."),
@@ -244,25 +249,26 @@ def _audit_options(fn):
         click.option("--outputs", type=click.Choice(["logits", "probs"]),
                      help="What the model returns; 'probs' (softmax probabilities) makes the audit take their log. "
                           "Default logits (a model returning probabilities is refused)."),
-        click.option("--interpreters", help="Comma list, e.g. grad,cam,rts,mask."),
+        click.option("--interpreters", help="Comma list of " + ", ".join(known_names()) + "."),
         click.option("--data", help="fashion-mnist, photos, or an ImageFolder root."),
         click.option("--n", type=int, help="Inputs to audit per target."),
         click.option("--eps", type=float, help="L∞ budget in 1/255 units (default 24 for 28×28, 8 otherwise)."),
-        click.option("--attacks", help="Comma list of pgd,adv2,stadv2,adaptive,blackbox (blackbox: ADV² by queries "
-                                       "of the map, also run by itself on interpreters without a gradient)."),
+        click.option("--attacks", help=f"Comma list of {','.join(ATTACKS)} (blackbox: ADV² by queries of the map, "
+                                       f"also run by itself on interpreters without a gradient)."),
         click.option("--queries", type=int, help="Query budget per image of black-box ADV² (default 2000)."),
         click.option("--attack-samples", type=int,
                      help="ADV² against ig / smoothgrad optimises an estimate from this many of its path points / "
                           "noisy copies, fresh every step (fewer: cheaper; more, for smoothgrad: finer; judged by the "
                           "deployed map). Default: the deployment's own count."),
-        click.option("--attack-strength", type=click.Choice(["quick", "standard", "thorough"]),
+        click.option("--attack-strength", type=click.Choice(list(STRENGTHS)),
                      help="quick (default): one preset attack per row, no convergence evidence, no defense credited; "
                           "standard: an attack ensemble (other step sizes and λ, momentum, detector hinges, schedule "
                           "and EOT ×2 and ×4), worst case per input, with a convergence check; thorough: standard "
                           "plus random restarts."),
         click.option("--threat-model", type=click.Choice(["graybox", "blackbox"]),
                      help="Black-box ADV²: graybox (classifier gradients, map by queries; default) or blackbox."),
-        click.option("--defenses", help="Comma list of squeeze, ensemble, ensemble-norm, stability, learned, smooth, beta, rtsa, a map defense with a detector (smooth+squeeze), or all (empty string: none)."),
+        click.option("--defenses", help=f"Comma list of {', '.join(DEFENSES)}, a map defense with a detector "
+                                        f"(smooth+squeeze), or all (empty string: none)."),
         click.option("--schedule", type=click.Choice(["short", "paper"])),
         click.option("--shorten", type=int, help="Divide every attack schedule by this (schedule short)."),
         click.option("--batch-size", help="Inputs per attack batch, or 'auto' (fill the GPU; 32 on CPU)."),
