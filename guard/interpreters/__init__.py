@@ -17,3 +17,11 @@ __all__ = [
     "CAM", "GradSaliency", "ReluSurrogate", "Mask", "MaskConfig", "RTS", "RTSA", "SaliencyNet",
     "GradCAM", "GradCAMPlusPlus", "InputXGradient", "IntegratedGradients", "Occlusion",
 ]
+
+# Every module of this folder registers its interpreters when imported: a new interpreter is one new module here
+# (and one row of the contract table in tests/test_interpreters.py), nothing else to list.
+import importlib as _importlib  # noqa: E402
+import pkgutil as _pkgutil  # noqa: E402
+
+for _module in _pkgutil.iter_modules(__path__):
+    _importlib.import_module(f"{__name__}.{_module.name}")
