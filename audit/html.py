@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from underfire.guard.registry import label_of  # noqa: E402
+
 from underfire.audit.report import (ATTACK_LABELS, CMAP, COMPARISON_HEAD, COMPARISON_NOTE, _atomic_write,  # noqa: E402
                                     _cert_text, _compared, _fig_b64, _fmt, _not_compared, _rate, comparison_rows,
                                     plain_words, queries_text, summary_rows)
@@ -52,7 +54,7 @@ def _bars(tg: dict) -> str:
             vals = [(v.get(atk, {}).get(metric, {}) or {}).get("mean") for v in ints.values()]
             ax.bar(xs, [0 if v is None else v for v in vals], w, label=ATTACK_LABELS[atk])
     for ax, title in zip(axes, ("L1 to the benign map (lower = looks benign)", "mean IoU@k with the benign map (higher)")):
-        ax.set_xticks(np.arange(len(ints)) + 0.4 - w / 2, [n.upper() for n in ints])
+        ax.set_xticks(np.arange(len(ints)) + 0.4 - w / 2, [label_of(n) for n in ints])
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)
     return _fig_b64(fig)
@@ -66,7 +68,7 @@ def _curves(tg: dict) -> str:
         for atk, label in ATTACK_LABELS.items():
             if atk in v:
                 ax.plot(ks, v[atk]["iou_curve"], label=label)
-        ax.set_title(name.upper(), fontsize=10)
+        ax.set_title(label_of(name), fontsize=10)
         ax.set_xlabel("k (% top pixels)")
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("IoU with benign map")
@@ -86,8 +88,8 @@ def _heatmap(tg: dict) -> str | None:
     for i in range(len(names)):
         for j in range(len(cols)):
             ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="w" if m[i, j] > m.mean() else "k")
-    ax.set_xticks(range(len(cols)), [c.upper() for c in cols])
-    ax.set_yticks(range(len(names)), [f"ADV² vs {n.upper()}" for n in names])
+    ax.set_xticks(range(len(cols)), [label_of(c) for c in cols])
+    ax.set_yticks(range(len(names)), [f"ADV² vs {label_of(n)}" for n in names])
     ax.set_xlabel("map read by")
     ax.set_title("transfer: L1 to the benign map", fontsize=10)
     return _fig_b64(fig)
@@ -126,7 +128,7 @@ def _examples_html(tg: dict) -> str:
             cells.append("<td>" + "</td><td>".join(parts) + "</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     head = "<tr><th>input: class → target</th>" + "".join(
-        f"<th colspan='{1 + sum(a in r for a in EXAMPLE_ATTACKS)}'>{html.escape(n.upper())}</th>"
+        f"<th colspan='{1 + sum(a in r for a in EXAMPLE_ATTACKS)}'>{html.escape(label_of(n))}</th>"
         for n, r in recs.items()) + "</tr>"
     return (f"<p><small>Each map is laid over the image it explains (and shown alone beside it); colour map "
             f"{CMAP}: brighter = more salient. ✓: the attack reached the attacker's class; L1 to the benign map."
@@ -146,14 +148,14 @@ def _table(tg: dict) -> str:
     for r in summary_rows({"targets": {"t": tg}}):
         ci = r["l1_ci95"]
         det = "".join(f"<td>{_fmt(r['detection'].get(d + ':' + v['decision']), True)}</td>" for d, v in dets.items())
-        body.append(f"<tr><td class=l>{r['interpreter'].upper()}</td><td class=l>{ATTACK_LABELS.get(r['attack'], r['attack'])}"
+        body.append(f"<tr><td class=l>{html.escape(label_of(r['interpreter']))}</td><td class=l>{ATTACK_LABELS.get(r['attack'], r['attack'])}"
                     f"</td><td>{_rate({'mean': r['asr'], 'ci95': r['asr_ci95']})}</td><td>{_fmt(r['mc'])}</td><td>{_fmt(r['l1'])} "
                     f"<small>[{_fmt(ci[0]) if ci else '–'}, {_fmt(ci[1]) if ci else '–'}]</small></td>"
                     f"<td>{_fmt(r['iou'])}</td>{det}</tr>")
     note = ""
     if any("benign_l1_to_target" in r for a in tg["summary"]["interpreters"].values() for r in a.values()
            if isinstance(r, dict)):
-        rows = "".join(f"<tr><td class=l>{n.upper()}</td><td class=l>{ATTACK_LABELS[k]}</td>"
+        rows = "".join(f"<tr><td class=l>{html.escape(label_of(n))}</td><td class=l>{ATTACK_LABELS[k]}</td>"
                        f"<td>{_fmt(r['l1']['mean'])}</td><td>{_fmt(r['benign_l1_to_target']['mean'])}</td></tr>"
                        for n, a in tg["summary"]["interpreters"].items() for k, r in a.items()
                        if isinstance(r, dict) and "benign_l1_to_target" in r)
@@ -215,7 +217,7 @@ def render_html(report: dict) -> str:
             parts.append(f"<p class='warn'><b>INCONCLUSIVE</b>: {html.escape(r)}</p>")
         # with a defense comparison (below) the per-defense spoofability lives there, not in this table
         shown = [] if any("comparison" in a for a in tg["summary"]["interpreters"].values()) else t["defenses"]
-        sp = "".join(f"<tr><td class=l>{n.upper()}</td><td>{_rate(a.get('spoofability'))}"
+        sp = "".join(f"<tr><td class=l>{html.escape(label_of(n))}</td><td>{_rate(a.get('spoofability'))}"
                      + (f" <b class=warnc>lower bound</b><br><small>{html.escape(a['lower_bound'])}</small>"
                         if a.get("lower_bound") else "")
                      + (f" <b class=warnc>not attacked</b><br><small>{html.escape(a['not_attacked'])}</small>"
@@ -233,7 +235,7 @@ def render_html(report: dict) -> str:
                      + f"</tr>{sp}</table>")
         for n, a in tg["summary"]["interpreters"].items():
             if "certified" in a:
-                parts.append(f"<p>{n.upper()}: {html.escape(_cert_text(a['certified'], tg))}</p>")
+                parts.append(f"<p>{html.escape(label_of(n))}: {html.escape(_cert_text(a['certified'], tg))}</p>")
             if qt := queries_text(n, a, tg):
                 parts.append(f"<p>{html.escape(qt)}</p>")
         te = next(iter(tg["summary"]["interpreters"].values()))["tau_estimate"]
@@ -254,7 +256,7 @@ def render_html(report: dict) -> str:
                                                  for i, v in enumerate(cells)) + "</tr>"
                                for cells in comparison_rows(c))
                 v = c["verdict"]
-                parts.append(f"<h4>{n.upper()}</h4><table><tr>{head}</tr>{body}</table>"
+                parts.append(f"<h4>{html.escape(label_of(n))}</h4><table><tr>{head}</tr>{body}</table>"
                              f"<p class='{'good' if v['helps'] else 'warnc'}'>{html.escape(v['text'])}</p>")
             parts.append(f"<p><small>{html.escape(COMPARISON_NOTE)}</small></p>{cmp_note}")
         parts.append("<h3>Benign vs adversarial maps</h3>" + _examples_html(tg))

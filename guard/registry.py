@@ -124,3 +124,11 @@ def known_names() -> list[str]:
 def twin_of(adapter: Interpreter, model: nn.Module) -> Interpreter | None:
     """The native twin of an adapter (the differentiable map its attacks optimise), or None."""
     return build_twin(adapter, model, build_interpreter)
+
+
+def label_of(name: str) -> str:
+    """How reports name an interpreter: its registered label ("Grad-CAM", "RTS^A"), a team's own name as given."""
+    try:
+        return traits_of(name).label
+    except InterpreterError:
+        return name
