@@ -36,6 +36,7 @@ from underfire.audit.plan import (
 )
 from underfire.guard.adapters import Transfer
 from underfire.guard.ensemble import InterpreterEnsemble
+from underfire.guard.registry import label_of
 from underfire.guard.smoothing import Smoothed
 
 
@@ -65,12 +66,12 @@ def attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, k
     for name, it in dep.interpreters.items():
         if "adv2" in t.attacks and name in adv2_names(t) and name not in dep.opaque:
             for kind in t.target_maps:
-                progress(f"ADV²-{name.upper()}" + ("" if kind == "benign" else f" → {kind} target maps"))
+                progress(f"ADV²-{label_of(name)}" + ("" if kind == "benign" else f" → {kind} target maps"))
                 map_t = bms[name] if kind == "benign" else make_target_maps(kind, it, dep, x, y_t, seed + sl.start)
                 if kind == "benign" and isinstance(it, Transfer):  # its judgements read the real map: queries
                     r, spent[name] = transfer_attack(t, dep, name, it, x, y_t, map_t)
                 elif kind == "benign" and strong_rows(t):  # the attack ensemble, worst case per input
-                    r = strongest_attack(t, dep, f"ADV²-{name.upper()}", name, it, x, y_t, map_t, dep.tau[name], dets,
+                    r = strongest_attack(t, dep, f"ADV²-{label_of(name)}", name, it, x, y_t, map_t, dep.tau[name], dets,
                                 None, keep, progress)
                 else:
                     r = adv2_attack(t, dep, name)(dep.views.get(name, it), x, y_t, map_t, progress=step_bar(progress))
@@ -97,9 +98,9 @@ def attack_batch(t: Target, dep: Deployment, dets: dict, sl: slice, seed: int, k
         if "adaptive" in t.attacks and name in adaptive_names(t):
             for d in t.defenses:
                 if d in DETECTORS and not TABLE[d].joint:  # a joint detector's attack covers all members, below
-                    progress(f"adaptive ADV²-{name.upper()} vs {d}")
+                    progress(f"adaptive ADV²-{label_of(name)} vs {d}")
                     if strong_rows(t):
-                        r = strongest_attack(t, dep, f"adaptive ADV²-{name.upper()} vs {d}", name, it, x, y_t, bms[name],
+                        r = strongest_attack(t, dep, f"adaptive ADV²-{label_of(name)} vs {d}", name, it, x, y_t, bms[name],
                                     dep.tau[name], dets, d, keep, progress, ADAPTIVE_LAM)
                         out["interpreters"][name][f"adaptive-{d}"] = r.record
                         continue
@@ -140,10 +141,10 @@ def _map_defense(t: Target, dep: Deployment, d: str, name: str, sl: slice, seed:
     it = dep.defended[m][name]
     x, y, y_t = dep.x[sl], dep.y[sl], dep.y_t[sl]
     bm = benign_maps(it, x)
-    progress(f"ADV²-{name.upper()} vs its {d} defense ({it.name}" + (f" + {det} detector)" if det else ")"))
+    progress(f"ADV²-{label_of(name)} vs its {d} defense ({it.name}" + (f" + {det} detector)" if det else ")"))
     judged = {det: dets[det]} if det else {}
     if strong_rows(t):
-        rec = strongest_attack(t, dep, f"ADV²-{name.upper()} vs {d}", it.name, it, x, y_t, bm, dep.tau[f"{d}/{name}"],
+        rec = strongest_attack(t, dep, f"ADV²-{label_of(name)} vs {d}", it.name, it, x, y_t, bm, dep.tau[f"{d}/{name}"],
                       judged, det, keep, progress, ADAPTIVE_LAM if det else 1.0).record
         rec["noise_l1"] = dep.noise[f"{d}/{name}"][sl]
     else:
