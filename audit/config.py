@@ -19,8 +19,8 @@ from underfire.attacks.pgd import PRECISIONS
 from underfire.attacks.strength import STRENGTHS
 from underfire.audit.defenses import DEFENSES, NEEDS_TWO, combo, parts
 from underfire.guard.errors import UnderfireError
-from underfire.guard.interpreters.base import InterpreterError, Traits
-from underfire.guard.registry import check_name, traits_of
+from underfire.guard.interpreters.base import InterpreterError
+from underfire.guard.registry import check_name, traits_or_none
 
 ATTACKS = ("pgd", "adv2", "stadv2", "adaptive", "blackbox")
 
@@ -258,7 +258,7 @@ def validate_target(t: Target) -> None:
         raise AuditError("'other' target maps need labelled data (fashion-mnist or an ImageFolder)")
     if t.schedule not in ("paper", "short"):
         raise AuditError(f"schedule must be 'paper' or 'short', not {t.schedule!r}")
-    presets = {tr.preset if (tr := name_traits(n)) else "cam" for n in adv2_names(t)}
+    presets = {tr.preset if (tr := traits_or_none(n)) else "cam" for n in adv2_names(t)}
     for kind in {"mask" if p == "mask" else "grad" for p in presets} if t.adv2_options else ():
         try:  # constructing an attack is cheap and names a bad option the way the attack's signature does
             make_adv2(kind, 8 / 255, t.schedule, shorten=t.shorten, **t.adv2_options)
@@ -347,21 +347,12 @@ def adv2_names(t: Target) -> list[str]:
     return list(t.interpreters) if t.adv2_interpreters is None else list(t.adv2_interpreters)
 
 
-def name_traits(name: str) -> Traits | None:
-    """The traits of a registry name; None for a name only an entry point knows (a team's own map, a one-pass
-    map unless its object says otherwise once loaded)."""
-    try:
-        return traits_of(name)
-    except InterpreterError:
-        return None
-
-
 def _one_pass(names: list[str]) -> list[str]:
     """All but the iterative interpreters (MASK): those are left out of the defaults for time — a detector
     solves them (300 optimisation steps) for every calibration and judged input, and the adaptive attacker
     tracks them at every step (with MASK the table9 run takes 38 min instead of 11 on one CPU core; README,
     ensembles); named explicitly, they take part."""
-    return [n for n in names if not ((tr := name_traits(n)) and tr.iterative)]
+    return [n for n in names if not ((tr := traits_or_none(n)) and tr.iterative)]
 
 
 def ensemble_names(t: Target) -> list[str]:

@@ -28,6 +28,7 @@ from typing import Callable
 from underfire.guard.ensemble import DisagreementDetector, NormalisedDisagreementDetector
 from underfire.guard.interpreters.base import Traits
 from underfire.guard.learned import LearnedDetector
+from underfire.guard.registry import traits_or_none
 from underfire.guard.squeeze import SqueezeDetector
 from underfire.guard.stability import StabilityDetector
 
@@ -139,14 +140,7 @@ def parts(defense: str) -> tuple[str | None, str | None]:
 def map_defense_name(defense: str, interpreter: str) -> str | None:
     """The registry name of ``interpreter`` under a map defense (``smooth:cam``), or None when it does not apply
     (an iterative map such as MASK is never smoothed: 8 × 300 solver steps per map)."""
-    from underfire.guard.registry import traits_of
-    from underfire.guard.interpreters.base import InterpreterError
-
-    try:
-        traits = traits_of(interpreter)
-    except InterpreterError:  # a team's own map: no registered variant
-        traits = None
-    return TABLE[defense].defended(interpreter, traits)
+    return TABLE[defense].defended(interpreter, traits_or_none(interpreter))  # None: a team's own map
 
 
 def detector_cost(det) -> dict:

@@ -93,7 +93,12 @@ def halving(cmp: dict) -> str:
     ok = [r for r in cmp["rows"][1:] if r["applies"] and r.get("own_map", True)
           and (r["fpr_heldout"] is None or r["fpr_heldout"] <= 0.06) and r["spoofability"]["mean"] <= base / 2]
     if ok:
-        return "met by " + ", ".join(f"{r['defense']} ({base:.0%} → {r['spoofability']['mean']:.0%})" for r in ok)
+        met = ", ".join(f"{r['defense']} ({base:.0%} → {r['spoofability']['mean']:.0%})" for r in ok)
+        open_rows = [r["defense"] for r in ok if (r.get("convergence") or {}).get("status") != "converged"]
+        if len(open_rows) == len(ok):  # a bar met under one attack, unchecked or unconverged, is not a credit
+            return (f"met only under an attack whose strength was not checked ({met}): not credited until an "
+                    f"attack ensemble converges on it")
+        return "met by " + met + (f" (not credited, unconverged: {', '.join(open_rows)})" if open_rows else "")
     rows = [r for r in cmp["rows"][1:] if r["applies"] and r.get("own_map", True)]
     best = min(rows, key=lambda r: r["spoofability"]["mean"]) if rows else None
     return "not met" + (f"; closest {best['defense']} ({base:.0%} → {best['spoofability']['mean']:.0%})" if best else "")

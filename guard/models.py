@@ -33,14 +33,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FMNIST_MEAN = (0.2860,)
-FMNIST_STD = (0.3530,)
-FMNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 from underfire.guard.errors import CamUnsupportedError, ModelError
-from underfire.guard.nets import SmallDenseNet, SmallResNet
+from underfire.guard.nets import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, SmallDenseNet, SmallResNet  # noqa: F401
 from underfire.guard.weights import hub_checkpoint_dir, imagenet_categories, install_offline_weights, load_state, read_checkpoint
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
-
-import logging
-
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# Fashion-MNIST: the normalisation the bundled nets were trained with, and the class names
 FMNIST_MEAN = (0.2860,)
 FMNIST_STD = (0.3530,)
 FMNIST_CLASSES = (

@@ -36,7 +36,8 @@ def _plain(name: str, what: str | None = None) -> Traits:
 
 
 def _smooth(name: str, rest: str) -> Traits:
-    inner = _plain(rest, f"in {name!r}, the smoothed interpreter") if ":" not in rest or rest in REGISTRY else None
+    wrapped = ":" in rest and rest not in REGISTRY  # smooth:smooth:cam, smooth:captum:...: not a plain map
+    inner = None if wrapped else _plain(rest, f"in {name!r}, the smoothed interpreter")
     if inner is None or inner.iterative or inner.random:
         raise InterpreterError(f"{name!r}: smoothing wraps a one-pass interpreter (grad, cam, rts, ...), not {rest!r}")
     return replace(inner, label=f"smoothed {inner.label}", random=True, variants=())
@@ -126,9 +127,16 @@ def twin_of(adapter: Interpreter, model: nn.Module) -> Interpreter | None:
     return build_twin(adapter, model, build_interpreter)
 
 
+def traits_or_none(name: str) -> Traits | None:
+    """The traits of a name the registry builds; None for any other name (a team's own map, known only once its
+    entry point or ``audit()`` hands it over)."""
+    try:
+        return traits_of(name)
+    except InterpreterError:
+        return None
+
+
 def label_of(name: str) -> str:
     """How reports name an interpreter: its registered label ("Grad-CAM", "RTS^A"), a team's own name as given."""
-    try:
-        return traits_of(name).label
-    except InterpreterError:
-        return name
+    traits = traits_or_none(name)
+    return traits.label if traits else name

@@ -3,8 +3,6 @@ that install offline (torch's hub cache)."""
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import importlib
 import importlib.util
 import logging
@@ -15,19 +13,12 @@ from pathlib import Path
 
 import torch
 
-from underfire.guard.errors import ModelError
 from torch import nn
 
-log = logging.getLogger(__name__)
+from underfire.guard.errors import ModelError
+from underfire.guard.nets import FMNIST_CLASSES
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FMNIST_MEAN = (0.2860,)
-FMNIST_STD = (0.3530,)
-FMNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
+log = logging.getLogger(__name__)
 
 
 @dataclass
