@@ -14,6 +14,7 @@ from underfire.audit.checks import check_faithful, check_outputs, check_trained,
 from underfire.audit.config import AuditConfig, AuditError, Target, adaptive_names, adv2_names
 from underfire.audit.defenses import MAPS, TABLE, map_defense_name, parts
 from underfire.guard.adapters import Adapter, Opaque, Transfer
+from underfire.guard.interpreters.base import Interpreter
 from underfire.guard.registry import build_interpreter, twin_of
 from underfire.guard.interpreters.base import InterpreterError
 from underfire.guard.models import load_model, provided_interpreters
@@ -218,6 +219,9 @@ def build_deployment(t: Target, seed: int, device: torch.device, precision: str 
     unfaithful = check_faithful(interps, [n for n in interps if n in provided], x, y, opaque)
     for n, why in unfaithful.items():
         warnings.append(f"UNFAITHFUL GRADIENT: {n}: {why}; its spoofability is a lower bound")
+    for n in (n for n in interps if n in provided and interps[n].traits is Interpreter.traits):
+        warnings.append(f"PRESET: {n} declares no ADV² preset (Interpreter.traits); it is attacked with CAM's "
+                        f"settings, which may not be the strongest for this map: its spoofability may be understated")
     exclude_opaque(t, opaque, warnings)
     if len(x) < t.n:
         warnings.append(f"only {len(x)} correctly classified inputs available (asked for {t.n})")

@@ -43,8 +43,10 @@ def test_a_notebook_audits_an_in_memory_module_with_a_callable_map(team, tmp_pat
     assert tg.spoofability("saliency")["n"] == 3
     assert report.config["targets"][0]["model"] == "python:SmallResNet"
     assert report.config["targets"][0]["data"] == "python:tensors"
-    # the team's map was checked against its finite differences (a faithful gradient: no lower bound)
+    # the team's map was checked against its finite differences (a faithful gradient: no lower bound), and the
+    # report says which attack settings a map that declares none was given
     assert not h.lower_bound
+    assert any(w.startswith("PRESET: saliency declares no ADV² preset") for w in tg.warnings)
     # a record that round-trips, and a page
     again = AuditReport.from_json(report.to_json(tmp_path / "r.json"))
     assert again.headline == h and json.loads((tmp_path / "r.json").read_text())["headline"]["n"] == 3
